@@ -1,0 +1,66 @@
+"""Typed exceptions of tta-engine. Each message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class TTAEngineError(Exception):
+    """Base class of every error raised on purpose by tta-engine."""
+
+
+class ConfigError(TTAEngineError, ValueError):
+    """A model configuration file or entry is invalid (names the file, model and field)."""
+
+
+class UnknownModelError(TTAEngineError, KeyError):
+    """A model name that no configuration defines."""
+
+    def __init__(self, name: str, known: list[str] | tuple[str, ...]):
+        self.name = name
+        self.known = list(known)
+        super().__init__(
+            f"unknown model {name!r}; configured models are: {', '.join(sorted(self.known)) or '(none)'}. "
+            "Add it to a config file (see configs/models.toml) or use one of these names."
+        )
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])
+
+
+class ModelNotAvailableError(TTAEngineError):
+    """The model's weights cannot be found locally (and the hub cannot be reached)."""
+
+
+class ArtifactError(TTAEngineError):
+    """A compiled artifact is missing, incomplete or was produced for something else."""
+
+
+class ArtifactCorruptedError(ArtifactError):
+    """A file of an artifact does not match the sha256 recorded in its manifest."""
+
+
+class ExportError(TTAEngineError):
+    """The export stage failed (including failed validation against PyTorch)."""
+
+
+class ContextLengthError(TTAEngineError, ValueError):
+    """The prompt (plus the requested new tokens) does not fit the model's context."""
+
+
+class SamplingParamError(TTAEngineError, ValueError):
+    """A generation parameter has an invalid value."""
+
+
+class EmptyInputError(TTAEngineError, ValueError):
+    """An empty message list or empty text batch where at least one item is required."""
+
+
+class OverloadedError(TTAEngineError):
+    """The request queue of a model is full; retry later or raise the queue size."""
+
+
+class NoCapableModelError(TTAEngineError, LookupError):
+    """No configured model can serve a task under the given constraints."""
+
+
+class BackendUnavailableError(TTAEngineError, ImportError):
+    """An optional dependency needed for this path is not installed."""
