@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+import tomllib
 
 from .errors import ConfigError, UnknownModelError
 

@@ -1,0 +1,162 @@
+"""Compiled artifacts on disk: layout, manifest, hashing, verification and atomic publication.
+
+The export stage writes an artifact directory and its ``manifest.json``; the runtime reads only that.
+An artifact is published atomically: it is assembled in a temporary sibling directory and renamed into
+place, so a failed or interrupted export never leaves a half-written artifact or loses the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactCorruptedError, ArtifactError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def default_artifacts_dir() -> Path:
+    return Path(os.environ.get("TTA_ENGINE_ARTIFACTS", "artifacts"))
+
+
+def artifact_dir(root: str | Path | None, name: str, precision: str) -> Path:
+    return Path(root if root is not None else default_artifacts_dir()) / name / precision
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_files(root: Path) -> dict[str, dict[str, Any]]:
+    """Every file under ``root`` except the manifest: relative path -> {size, sha256}."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return out
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["model"]["name"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f["size"] for f in self.manifest["files"].values())
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(
+            f"no artifact at {path} (missing {MANIFEST}). Create it with "
+            f"`tta-engine export {path.parent.name} --precision {path.name}`."
+        )
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactCorruptedError(f"{mpath} is not valid JSON ({exc}); re-export the model.") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mpath} has format_version {manifest.get('format_version')!r}, this engine reads "
+            f"{FORMAT_VERSION}; re-export the model with this version of tta-engine."
+        )
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any], *, hashes: bool = True) -> None:
+    """Check every file listed in the manifest exists with the recorded size (and sha256)."""
+    for rel, meta in manifest["files"].items():
+        p = path / rel
+        if not p.is_file():
+            raise ArtifactCorruptedError(f"{p} is listed in the manifest but missing; re-export the model.")
+        if p.stat().st_size != meta["size"]:
+            raise ArtifactCorruptedError(
+                f"{p} has {p.stat().st_size} bytes, the manifest records {meta['size']}; "
+                "the file was changed or truncated. Re-export the model."
+            )
+        if hashes and sha256_file(p) != meta["sha256"]:
+            raise ArtifactCorruptedError(
+                f"{p} does not match the sha256 in its manifest (tampered or corrupted); re-export the model."
+            )
+
+
+def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest, hashes=verify)
+    return Artifact(path, manifest)
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    manifest = dict(manifest, format_version=FORMAT_VERSION, files=list_files(path))
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+@contextmanager
+def staged_artifact(final: Path) -> Iterator[Path]:
+    """Yield a fresh directory next to ``final``; on success, publish it atomically.
+
+    ``final`` is a symbolic link to a versioned sibling directory; publishing renames a new link over
+    it, which is atomic on POSIX. On any exception (KeyboardInterrupt included) the staged directory is
+    removed and an existing artifact at ``final`` stays exactly as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield staged
+        if not (staged / MANIFEST).is_file():
+            raise ArtifactError(f"internal error: staged artifact {staged} has no manifest")
+        _publish(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def _publish(staged: Path, final: Path) -> None:
+    previous = final.resolve() if final.is_symlink() else None
+    link_tmp = final.with_name(f".{final.name}.link-{os.getpid()}")
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    try:
+        os.symlink(staged.name, link_tmp, target_is_directory=True)
+    except OSError:  # no symlinks (some Windows setups): fall back to rename, small unsafe window
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        return
+    if final.exists() and not final.is_symlink():  # a plain directory from an older layout
+        shutil.rmtree(final)
+    os.replace(link_tmp, final)
+    if previous is not None and previous != staged.resolve():
+        shutil.rmtree(previous, ignore_errors=True)

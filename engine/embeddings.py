@@ -1,0 +1,124 @@
+"""Sentence embeddings: an ONNX encoder artifact (or sentence-transformers as the PyTorch fallback)
+behind one ``encode(texts, batch_size, normalize) -> np.ndarray [n, dim]`` signature.
+
+Like sentence-transformers: texts are sorted by length, batched, pooled as the model's own pooling
+config says (mean over the attention mask for all-MiniLM-L6-v2), optionally normalized, and returned
+in the caller's order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EmptyInputError
+from .ort_session import create_session
+
+POOLING_MODES = ("mean", "cls", "max", "lasttoken")
+
+
+def read_pooling(model_dir: Path) -> tuple[str, bool, int]:
+    """(pooling mode, normalize, max_seq_length) from a sentence-transformers directory layout."""
+    mode, normalize, max_len = "mean", False, 512
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        for mod in json.loads(modules.read_text()):
+            kind = mod.get("type", "")
+            if kind.endswith("Normalize"):
+                normalize = True
+            if kind.endswith("Pooling"):
+                cfg = json.loads((model_dir / mod["path"] / "config.json").read_text())
+                for m in POOLING_MODES:
+                    if cfg.get(f"pooling_mode_{m}_tokens") or cfg.get(f"pooling_mode_{m}_token"):
+                        mode = m
+                        break
+    sbert = model_dir / "sentence_bert_config.json"
+    if sbert.is_file():
+        max_len = int(json.loads(sbert.read_text()).get("max_seq_length", max_len))
+    return mode, normalize, max_len
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """hidden [batch, seq, dim], mask [batch, seq] -> [batch, dim]."""
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask[..., None].astype(hidden.dtype)
+    if mode == "max":
+        return np.where(m > 0, hidden, -np.inf).max(axis=1)
+    if mode == "lasttoken":
+        last = mask.sum(axis=1).astype(np.int64) - 1
+        return hidden[np.arange(len(hidden)), last]
+    return (hidden * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise EmptyInputError("no texts to embed: pass at least one string")
+    return texts
+
+
+class OrtEncoder:
+    """An exported encoder artifact directory: model.onnx, tokenizer files, pooling config."""
+
+    def __init__(self, path: Path, *, threads: int | None = None, device: str = "auto", model_file: str = "model.onnx"):
+        from transformers import AutoTokenizer
+
+        self.session = create_session(path / model_file, threads=threads, device=device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.pooling, self.normalize, self.max_seq_length = read_pooling(path)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.dimension = int(self.session.get_outputs()[0].shape[-1])
+
+    def _forward(self, batch: list[str]) -> np.ndarray:
+        enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_seq_length,
+                             return_tensors="np")
+        feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in self.input_names}
+        if "token_type_ids" in self.input_names and "token_type_ids" not in feeds:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        hidden = self.session.run(None, feeds)[0]
+        return pool(hidden, enc["attention_mask"], self.pooling)
+
+    def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
+        texts = _check_texts(texts)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self._forward([texts[i] for i in idx])
+        if self.normalize if normalize is None else normalize:
+            out = l2_normalize(out)
+        return out
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TorchEncoder:
+    """PyTorch fallback: sentence-transformers itself, behind the same signature."""
+
+    def __init__(self, model_dir: Path, *, device: str = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(model_dir), device=device)
+        self.pooling, self.normalize, self.max_seq_length = read_pooling(model_dir)
+        self.dimension = int(self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
+        texts = _check_texts(texts)
+        out = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False)
+        out = out.astype(np.float32)
+        if self.normalize if normalize is None else normalize:
+            out = l2_normalize(out)
+        return out
+
+    def close(self) -> None:
+        self.model = None

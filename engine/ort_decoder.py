@@ -1,0 +1,207 @@
+"""KV-cached causal-LM forward passes on ONNX Runtime, for the two graph layouts the export stage writes.
+
+- ``fused``: GroupQueryAttention graph. One preallocated buffer per layer and K/V,
+  shape [batch, kv_heads, capacity, head_dim], bound as both past and present through IO binding:
+  ORT writes the new keys/values in place at each row's position; nothing is copied through Python.
+- ``optimum``: Optimum's ``text-generation-with-past`` graph (the unfused fallback). The present
+  tensors are kept as ORT-owned OrtValues and fed back as the next step's past, again without copies
+  through numpy.
+
+Both expose ``new_cache(batch)`` and ``forward(cache, input_ids) -> last-position logits [batch, vocab]``,
+the interface the generator (engine/generator.py) is written against; the PyTorch fallback
+(engine/torch_backend.py) implements the same one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ContextLengthError
+from .ort_session import create_session
+
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32}
+
+
+class FusedKVCache:
+    """Per-layer K/V buffers [batch, kv_heads, capacity, head_dim] and each row's valid length."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 max_capacity: int):
+        self.shape_tail = (kv_heads, head_dim)
+        self.max_capacity = max_capacity
+        self.capacity = min(capacity, max_capacity)
+        self.num_layers = num_layers
+        self.keys = [self._alloc(batch, self.capacity) for _ in range(num_layers)]
+        self.values = [self._alloc(batch, self.capacity) for _ in range(num_layers)]
+        self.lengths = np.zeros(batch, dtype=np.int64)
+
+    def _alloc(self, batch: int, capacity: int) -> np.ndarray:
+        kv_heads, head_dim = self.shape_tail
+        return np.zeros((batch, kv_heads, capacity, head_dim), dtype=np.float32)
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the buffers (doubling, up to the context) so ``needed`` positions fit."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_capacity:
+            raise ContextLengthError(
+                f"{needed} tokens exceed the context of {self.max_capacity} tokens; "
+                "shorten the prompt or lower max_new_tokens."
+            )
+        new_cap = min(self.max_capacity, max(needed, 2 * self.capacity))
+        for bufs in (self.keys, self.values):
+            for i, old in enumerate(bufs):
+                new = self._alloc(self.batch, new_cap)
+                new[:, :, : self.capacity] = old
+                bufs[i] = new
+        self.capacity = new_cap
+
+    def rewind(self, length: int, row: int | None = None) -> None:
+        rows = slice(None) if row is None else row
+        self.lengths[rows] = np.minimum(self.lengths[rows], length)
+
+    def copy_row_from(self, row: int, other: FusedKVCache, other_row: int, length: int) -> None:
+        """Copy the first ``length`` positions of ``other``'s row into this cache's ``row``."""
+        self.ensure_capacity(length)
+        for dst, src in ((self.keys, other.keys), (self.values, other.values)):
+            for i in range(self.num_layers):
+                dst[i][row, :, :length] = src[i][other_row, :, :length]
+        self.lengths[row] = length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.keys) + sum(b.nbytes for b in self.values)
+
+    def close(self) -> None:
+        self.keys, self.values = [], []
+
+
+class OptimumKVCache:
+    """Past key/values as ORT-owned OrtValues, grown by ORT at each step (batch 1 rows in lockstep)."""
+
+    def __init__(self, past_names: list[str], batch: int, kv_heads: int, head_dim: int, dtype, max_capacity: int):
+        import onnxruntime as ort
+
+        empty = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
+        self.past = {n: ort.OrtValue.ortvalue_from_numpy(empty) for n in past_names}
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        self.max_capacity = max_capacity
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def rewind(self, length: int, row: int | None = None) -> None:
+        import onnxruntime as ort
+
+        if row is not None and self.batch > 1:
+            raise NotImplementedError("per-row rewind needs the fused graph layout")
+        for name, val in self.past.items():
+            arr = val.numpy()[:, :, :length]
+            self.past[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+        self.lengths[:] = np.minimum(self.lengths, length)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(v.shape())) * 4 for v in self.past.values())
+
+    def close(self) -> None:
+        self.past = {}
+
+
+class OrtDecoder:
+    """A compiled causal LM: ONNX Runtime session plus the IO layout read from the session itself."""
+
+    def __init__(self, model_path: Path, decoder_meta: dict[str, Any], *, threads: int | None = None,
+                 device: str = "auto"):
+        self.session = create_session(model_path, threads=threads, device=device)
+        self.meta = decoder_meta
+        self.layout = decoder_meta["graph"]
+        self.context_length = int(decoder_meta["context_length"])
+        self.num_layers = int(decoder_meta["num_layers"])
+        self.kv_heads = int(decoder_meta["num_kv_heads"])
+        self.head_dim = int(decoder_meta["head_dim"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
+        self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_order)
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.kv_dtype = _NP_DTYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
+        self.vocab_size = int(decoder_meta["vocab_size"])
+
+    # -- caches -------------------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1, capacity: int = 256):
+        if self.layout == "fused":
+            return FusedKVCache(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.context_length)
+        return OptimumKVCache(self.past_names, batch, self.kv_heads, self.head_dim, self.kv_dtype,
+                              self.context_length)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, cache, input_ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+        """Append ``input_ids`` [batch, seq] to ``cache``; return logits [batch, vocab] of the last position
+        (or [batch, seq, vocab] with ``all_logits``, which the fused graph only has for its last position)."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        new_lengths = cache.lengths + input_ids.shape[1]
+        if int(new_lengths.max()) > self.context_length:
+            raise ContextLengthError(
+                f"{int(new_lengths.max())} tokens exceed the context of {self.context_length} tokens; "
+                "shorten the prompt or lower max_new_tokens."
+            )
+        if self.layout == "fused":
+            logits = self._forward_fused(cache, input_ids, new_lengths)
+        else:
+            logits = self._forward_optimum(cache, input_ids, new_lengths)
+        cache.lengths = new_lengths
+        return logits if all_logits else logits[:, -1, :]
+
+    def _forward_fused(self, cache: FusedKVCache, ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+        cache.ensure_capacity(int(new_lengths.max()))
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("seqlens_k", (new_lengths - 1).astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(new_lengths.max(), dtype=np.int32))
+        shape = cache.keys[0].shape if cache.keys else None
+        for i in range(self.num_layers):
+            for kind, buf in (("key", cache.keys[i]), ("value", cache.values[i])):
+                ptr = buf.ctypes.data
+                io.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
+                io.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
+        io.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
+
+    def _forward_optimum(self, cache: OptimumKVCache, ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+        batch, seq = ids.shape
+        past = int(cache.lengths.max())
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        if "attention_mask" in self.input_names:
+            io.bind_cpu_input("attention_mask", np.ones((batch, past + seq), dtype=np.int64))
+        if "position_ids" in self.input_names:
+            pos = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq))
+            io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
+        for name in self.past_names:
+            io.bind_ortvalue_input(name, cache.past[name])
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        for past_name, value in zip(self.past_names, outs[1:], strict=True):
+            cache.past[past_name] = value
+        return outs[0].numpy()
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return int(parts[1]), parts[2]

@@ -1,0 +1,186 @@
+"""Loaded models with the public generation / embedding API, on either backend.
+
+``LanguageModel`` wraps a decoder backend (ONNX Runtime artifact or PyTorch fallback), its tokenizer
+(with the model's own chat template) and default sampling settings, and offers:
+``generate`` (-> Completion), ``stream`` (sync iterator of text deltas), ``agenerate`` / ``astream``
+(async), and ``generate_streaming`` (the design note's callback form).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .artifact import Artifact, artifact_dir, load_artifact
+from .config import ModelConfig
+from .errors import ArtifactError, EmptyInputError
+from .generator import Completion, GenerationState, generate_events
+from .sampling import SamplingParams, params_from_kwargs
+
+log = logging.getLogger(__name__)
+Messages = Sequence[dict[str, str]]
+_DONE = object()
+
+
+def _message_dicts(messages) -> list[dict[str, str]]:
+    out = []
+    for m in messages:
+        if isinstance(m, dict):
+            out.append({"role": m["role"], "content": m["content"]})
+        else:  # the game's Message(role, content) objects
+            out.append({"role": m.role, "content": m.content})
+    return out
+
+
+class LanguageModel:
+    """A causal LM ready to generate. Thread-safe for concurrent requests (each has its own KV cache)."""
+
+    def __init__(self, name: str, backend, tokenizer, eos_ids: Sequence[int], defaults: SamplingParams,
+                 *, kind: str, size_bytes: int = 0):
+        self.name, self.backend, self.tokenizer = name, backend, tokenizer
+        self.eos_ids = list(eos_ids)
+        self.defaults = defaults
+        self.kind = kind  # "onnx" | "torch"
+        self.size_bytes = size_bytes
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"tta-{name}")
+        self._lock = threading.Lock()
+
+    # -- prompts ------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Messages) -> list[int]:
+        """A string is used as raw text; a list of messages is rendered with the model's chat template."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EmptyInputError("the prompt is empty: pass some text or a list of messages")
+            return list(self.tokenizer(prompt)["input_ids"])
+        messages = _message_dicts(prompt)
+        if not messages:
+            raise EmptyInputError("the message list is empty: pass at least one {'role', 'content'} message")
+        if not getattr(self.tokenizer, "chat_template", None):
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return list(self.tokenizer(text)["input_ids"])
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def params(self, **kwargs: Any) -> SamplingParams:
+        return params_from_kwargs(self.defaults, **kwargs)
+
+    # -- sync ---------------------------------------------------------------------------------------
+    def events(self, prompt: str | Messages, state: GenerationState | None = None, **kwargs) -> Iterator[str]:
+        ids = self.encode_prompt(prompt)
+        params = self.params(**kwargs)
+        return generate_events(self.backend, self.tokenizer, ids, params, self.eos_ids,
+                               state=state if state is not None else GenerationState(len(ids)))
+
+    def generate(self, prompt: str | Messages, **kwargs) -> Completion:
+        ids = self.encode_prompt(prompt)
+        state = GenerationState(len(ids))
+        for _ in generate_events(self.backend, self.tokenizer, ids, self.params(**kwargs), self.eos_ids,
+                                 state=state):
+            pass
+        return state.completion()
+
+    def stream(self, prompt: str | Messages, **kwargs) -> Iterator[str]:
+        """Text deltas; ``close()`` the iterator (or break out of a for loop) to stop decoding."""
+        return self.events(prompt, **kwargs)
+
+    # -- async --------------------------------------------------------------------------------------
+    async def astream(self, prompt: str | Messages, state: GenerationState | None = None, **kwargs) -> AsyncIterator[str]:
+        """Async iterator of text deltas; decoding runs in a worker thread, one step per await."""
+        gen = self.events(prompt, state=state, **kwargs)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                delta = await loop.run_in_executor(self._executor, next, gen, _DONE)
+                if delta is _DONE:
+                    return
+                yield delta
+        finally:
+            # Runs on completion, on break/aclose and on task cancellation: stop decoding, free the cache.
+            await asyncio.shield(loop.run_in_executor(self._executor, gen.close))
+
+    async def agenerate(self, prompt: str | Messages, **kwargs) -> Completion:
+        state = GenerationState(0)
+        async for _ in self.astream(prompt, state=state, **kwargs):
+            pass
+        return state.completion()
+
+    async def generate_streaming(self, prompt: str | Messages, callback: Callable[[str], Any] | None,
+                                 **kwargs) -> str:
+        """The design note's form: ``callback(delta)`` for each delta (sync or async); returns the text."""
+        parts = []
+        async for delta in self.astream(prompt, **kwargs):
+            parts.append(delta)
+            if callback is not None:
+                res = callback(delta)
+                if inspect.isawaitable(res):
+                    await res
+        return "".join(parts)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        if hasattr(self.backend, "close"):
+            self.backend.close()
+
+
+def _defaults(cfg: ModelConfig | None) -> SamplingParams:
+    if cfg is None:
+        return SamplingParams()
+    return SamplingParams(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty)
+
+
+def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, threads: int | None = None,
+                     device: str = "auto") -> LanguageModel:
+    from transformers import AutoTokenizer
+
+    from .ort_decoder import OrtDecoder
+
+    if artifact.kind != "causal_lm":
+        raise ArtifactError(f"{artifact.path} holds a {artifact.kind!r} model, not a causal LM")
+    meta = artifact.manifest["decoder"]
+    backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(artifact.path)
+    return LanguageModel(artifact.name, backend, tokenizer, meta["eos_token_ids"], _defaults(cfg), kind="onnx",
+                         size_bytes=artifact.size_bytes)
+
+
+def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None) -> LanguageModel:
+    from .sources import eos_token_ids, load_tokenizer, load_torch_causal_lm, resolve_source
+    from .torch_backend import TorchDecoder
+
+    resolved = resolve_source(cfg, cache_dir)
+    tokenizer = load_tokenizer(cfg, resolved)
+    quant = cfg.quantization if cfg.backend == "torch" else None
+    model = load_torch_causal_lm(cfg, resolved, quantization=quant)
+    context = min(int(getattr(model.config, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30)
+    backend = TorchDecoder(model, context)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return LanguageModel(cfg.name, backend, tokenizer, eos_token_ids(model, tokenizer), _defaults(cfg),
+                         kind="torch", size_bytes=size)
+
+
+def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None = None, backend: str | None = None,
+                        cache_dir: str | None = None, export_if_missing: bool | None = None,
+                        threads: int | None = None) -> LanguageModel:
+    """The compiled artifact when it exists (exporting it first when the config allows), else PyTorch."""
+    backend = backend or cfg.backend
+    path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
+    if backend != "torch":
+        if not (path / "manifest.json").is_file() and (cfg.export_on_demand if export_if_missing is None
+                                                       else export_if_missing):
+            from .export.pipeline import ExportOptions, export_model
+
+            log.warning("no %s artifact for %s at %s: exporting it now", cfg.precision, cfg.name, path)
+            export_model(cfg, ExportOptions(precision=cfg.precision, out_root=Path(path).parents[1],
+                                            cache_dir=cache_dir))
+        if (path / "manifest.json").is_file() or backend == "onnx":
+            return open_artifact_lm(load_artifact(path), cfg, threads=threads)
+        log.warning("no artifact for %s at %s: using the PyTorch fallback (run `tta-engine export %s`)",
+                    cfg.name, path, cfg.name)
+    return open_torch_lm(cfg, cache_dir=cache_dir)

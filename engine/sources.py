@@ -1,0 +1,148 @@
+"""Resolve a model's source (hub, local directory, GGUF file, installed package) and load it in PyTorch.
+
+Hub sources keep the real loading code (repo id, revision, cache_dir). Offline, a model that is not in
+the local cache fails with :class:`ModelNotAvailableError` saying how to provide it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import ModelNotAvailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A local directory holding the model, plus the GGUF file name inside it when the source is GGUF."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        """The input files whose hashes identify the source."""
+        if self.gguf_file:
+            return [self.directory / self.gguf_file]
+        keep = (".json", ".safetensors", ".bin", ".txt", ".model", ".jinja")
+        return sorted(p for p in self.directory.rglob("*") if p.is_file() and p.suffix in keep)
+
+
+def _hint(cfg: ModelConfig) -> str:
+    if cfg.source.install_hint:
+        return f"Install it with `{cfg.source.install_hint}`."
+    if cfg.source.kind == "hub":
+        return (
+            f"Download it once with network access (`huggingface-cli download {cfg.source.repo_id}`), "
+            "or point the config's source at a local directory (source = {kind = \"local\", path = ...})."
+        )
+    return "Fix the path in the model's config."
+
+
+def _resolve_hub(cfg: ModelConfig, cache_dir: str | None) -> ResolvedSource:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    src = cfg.source
+    cache = src.cache_dir or cache_dir
+    kwargs = dict(repo_id=src.repo_id, revision=src.revision, cache_dir=cache)
+    last_exc: Exception | None = None
+    # First the local cache (instant, offline); then the hub unless offline mode is set.
+    modes = [True] if os.environ.get("HF_HUB_OFFLINE") == "1" else [True, False]
+    for local_only in modes:
+        try:
+            if src.file:
+                path = Path(hf_hub_download(filename=src.file, local_files_only=local_only, **kwargs))
+                return ResolvedSource(path.parent, src.file)
+            return ResolvedSource(Path(snapshot_download(local_files_only=local_only, **kwargs)))
+        except Exception as exc:  # noqa: BLE001 - hub raises many types (offline, 404, connection)
+            last_exc = exc
+    raise ModelNotAvailableError(
+        f"model {cfg.name!r} ({src.describe()}) is not available locally and could not be downloaded "
+        f"({type(last_exc).__name__}). {_hint(cfg)}"
+    ) from last_exc
+
+
+def resolve_source(cfg: ModelConfig, cache_dir: str | None = None) -> ResolvedSource:
+    src = cfg.source
+    if src.kind == "hub":
+        return _resolve_hub(cfg, cache_dir)
+    if src.kind == "package":
+        spec = importlib.util.find_spec(src.package)  # does not import (some packages need extra deps)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotAvailableError(
+                f"model {cfg.name!r} needs the Python package {src.package!r}, which is not installed. "
+                + _hint(cfg)
+            )
+        base = Path(next(iter(spec.submodule_search_locations)))
+        target = base / (src.file or src.path or "")
+    elif src.kind == "gguf" and src.repo_id:
+        return _resolve_hub(cfg, cache_dir)
+    else:
+        target = Path(src.path).expanduser()
+        if src.file:
+            target = target / src.file
+    if not target.exists():
+        raise ModelNotAvailableError(f"model {cfg.name!r}: {target} does not exist. {_hint(cfg)}")
+    if target.is_file():
+        return ResolvedSource(target.parent, target.name)
+    return ResolvedSource(target)
+
+
+def load_tokenizer(cfg: ModelConfig, resolved: ResolvedSource):
+    from transformers import AutoTokenizer
+
+    if resolved.gguf_file:
+        return AutoTokenizer.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file)
+    return AutoTokenizer.from_pretrained(resolved.directory)
+
+
+def load_torch_causal_lm(cfg: ModelConfig, resolved: ResolvedSource, *, quantization: str | None = None):
+    """Load the PyTorch model (fp32 on CPU; bitsandbytes 8/4-bit when ``quantization`` asks for it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": torch.float32}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file  # Transformers dequantizes GGUF into fp32 weights
+    if quantization in ("8bit", "4bit"):
+        kwargs["quantization_config"] = bitsandbytes_config(quantization)
+    model = AutoModelForCausalLM.from_pretrained(resolved.directory, attn_implementation="eager", **kwargs)
+    return model.eval()
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|end|>", "<|eot_id|>", "<|endoftext|>")
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids from the generation config, the tokenizer, and the chat template's end-of-turn tokens."""
+    ids: set[int] = set()
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return sorted(int(i) for i in ids)
+
+
+def bitsandbytes_config(quantization: str):
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"quantization={quantization!r} on the PyTorch path needs bitsandbytes: "
+            "`pip install 'tta-engine[quant]'` (or use the ONNX artifact, which is quantized at export)."
+        ) from exc
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")

@@ -1,0 +1,335 @@
+"""The export stage: configured model -> validated, self-describing ONNX artifact.
+
+A readable sequence of named stages:
+  1. resolve the source and load the PyTorch model + tokenizer (GGUF is dequantized by Transformers)
+  2. export the unfused graph with Optimum (encoders always; decoders when no fused builder applies)
+  3. optimize: fused GroupQueryAttention decoder graph / ORT transformer fusions for encoders
+  4. quantize (int8 dynamic per-channel, int4 weight-only MatMulNBits; LM head included)
+  5. validate against PyTorch (fp32 must reproduce greedy tokens exactly, or the export fails)
+  6. write the artifact atomically with its manifest (hashes, versions, validation figures)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tta_engine.artifact import (
+    Artifact,
+    artifact_dir,
+    load_artifact,
+    sha256_file,
+    staged_artifact,
+    write_manifest,
+)
+from tta_engine.config import ModelConfig
+from tta_engine.errors import ExportError
+from tta_engine.sources import (
+    ResolvedSource,
+    eos_token_ids,
+    load_tokenizer,
+    load_torch_causal_lm,
+    resolve_source,
+)
+
+from . import validate
+from .quantize import quantize
+
+STAGES = ("load", "export", "optimize", "quantize", "validate", "write")
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    out_root: Path | None = None
+    graph: str = "auto"  # auto | fused | optimum
+    block_size: int = 32
+    greedy_steps: int = 32
+    cache_dir: str | None = None
+    opset: int | None = None
+
+
+class Progress:
+    """Prints one readable line per stage with its duration (to stderr unless told otherwise)."""
+
+    def __init__(self, name: str, stream=None, quiet: bool = False):
+        self.name, self.stream, self.quiet = name, stream or sys.stderr, quiet
+        self.t0 = self.t = time.perf_counter()
+
+    def stage(self, key: str, what: str) -> None:
+        self.t = time.perf_counter()
+        self._print(f"[{STAGES.index(key) + 1}/{len(STAGES)}] {self.name}: {what} ...")
+
+    def done(self, detail: str = "") -> None:
+        self._print(f"      done in {time.perf_counter() - self.t:.1f}s" + (f" - {detail}" if detail else ""))
+
+    def _print(self, line: str) -> None:
+        if not self.quiet:
+            print(line, file=self.stream, flush=True)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("tta-engine", "onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _source_manifest(cfg: ModelConfig, resolved: ResolvedSource) -> dict[str, Any]:
+    return {
+        "description": cfg.source.describe(),
+        "kind": cfg.source.kind,
+        "revision": cfg.source.revision,
+        "input_hashes": {p.name if resolved.gguf_file else p.relative_to(resolved.directory).as_posix():
+                         sha256_file(p) for p in resolved.files},
+    }
+
+
+def export_model(cfg: ModelConfig, options: ExportOptions = ExportOptions(), *, quiet: bool = False) -> Artifact:
+    """Export ``cfg`` at ``options.precision``; returns the published, verified artifact."""
+    if options.precision not in ("fp32", "int8", "int4"):
+        raise ExportError(f"precision {options.precision!r} is not one of fp32, int8, int4")
+    final = artifact_dir(options.out_root, cfg.name, options.precision)
+    progress = Progress(f"{cfg.name} ({options.precision})", quiet=quiet)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".work-", dir=final.parent) as work_str, staged_artifact(final) as out:
+        work = Path(work_str)
+        exporter = _export_encoder if cfg.is_embedding else _export_decoder
+        manifest = exporter(cfg, options, progress, work, out)
+        progress.stage("write", f"writing artifact to {final}")
+        manifest.update({
+            "model": {"name": cfg.name, "model_id": cfg.model_id, "config_file": cfg.file},
+            "precision": options.precision,
+            "versions": _versions(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "export_seconds": round(time.perf_counter() - progress.t0, 1),
+        })
+        manifest = write_manifest(out, manifest)
+        progress.done(f"{sum(f['size'] for f in manifest['files'].values()) / 1e6:.1f} MB")
+    return load_artifact(final)
+
+
+# --- decoders -----------------------------------------------------------------------------------------
+
+def _export_decoder(cfg, options, progress, work: Path, out: Path) -> dict[str, Any]:
+    from tta_engine.ort_decoder import OrtDecoder
+
+    progress.stage("load", f"loading {cfg.source.describe()} in PyTorch")
+    resolved = resolve_source(cfg, options.cache_dir)
+    tokenizer = load_tokenizer(cfg, resolved)
+    model = load_torch_causal_lm(cfg, resolved)
+    context = min(int(getattr(model.config, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30)
+    meta: dict[str, Any] = {
+        "num_layers": model.config.num_hidden_layers,
+        "num_kv_heads": getattr(model.config, "num_key_value_heads", model.config.num_attention_heads),
+        "head_dim": getattr(model.config, "head_dim", None)
+        or model.config.hidden_size // model.config.num_attention_heads,
+        "vocab_size": model.config.vocab_size,
+        "context_length": context,
+        "eos_token_ids": eos_token_ids(model, tokenizer),
+        "architecture": model.config.model_type,
+    }
+    progress.done(f"{model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+
+    prompts = validate.validation_prompts(tokenizer)
+    refs = validate.torch_reference(model, prompts, options.greedy_steps)
+
+    def check(path: Path, graph: str) -> dict:
+        dec = OrtDecoder(path, dict(meta, graph=graph))
+        try:
+            return validate.compare_decoder(refs, dec, prompts, options.greedy_steps)
+        finally:
+            dec.close()
+
+    want_fused = False
+    if options.graph in ("auto", "fused"):
+        from .fused import UnsupportedArchitectureError, build_fused_decoder, fused_supported
+
+        want_fused = fused_supported(model.config)
+    if options.graph == "fused" and not want_fused:
+        raise ExportError(f"{cfg.name}: no fused graph builder for model type {model.config.model_type!r}; "
+                          "use --graph optimum (or auto)")
+    fp32_path, graph, fp32_fig, fallback_reason = None, None, None, None
+    if want_fused:
+        progress.stage("optimize", "building the fused GroupQueryAttention graph")
+        try:
+            path = work / "fused.onnx"
+            info = build_fused_decoder(model, path, max_cache_len=context)
+            fig = check(path, "fused")
+            if fig["greedy_exact"]:
+                fp32_path, graph, fp32_fig = path, "fused", fig
+                meta["fused"] = info
+                progress.done(f"{_node_count(path)} nodes, greedy tokens equal PyTorch")
+            else:
+                fallback_reason = f"fused graph failed validation: {fig}"
+        except UnsupportedArchitectureError as exc:
+            fallback_reason = str(exc)
+        if fp32_path is None:
+            if options.graph == "fused":
+                raise ExportError(f"{cfg.name}: {fallback_reason}")
+            progress.done(f"falling back to the unfused graph ({fallback_reason})")
+    if fp32_path is None:
+        progress.stage("export", "exporting with Optimum (text-generation-with-past)")
+        fp32_path = _optimum_export(model, work / "optimum", "text-generation-with-past", options.opset)
+        graph = "optimum"
+        fp32_fig = check(fp32_path, graph)
+        progress.done(f"{_node_count(fp32_path)} nodes")
+        if not fp32_fig["greedy_exact"]:
+            raise ExportError(f"{cfg.name}: the fp32 ONNX graph does not reproduce PyTorch's greedy tokens: {fp32_fig}")
+    meta["graph"] = graph
+
+    final_path, final_fig = fp32_path, fp32_fig
+    if options.precision != "fp32":
+        progress.stage("quantize", f"quantizing to {options.precision}")
+        final_path = work / f"model_{options.precision}.onnx"
+        quantize(fp32_path, final_path, options.precision, block_size=options.block_size)
+        progress.done()
+        progress.stage("validate", f"validating {options.precision} against PyTorch")
+        final_fig = check(final_path, graph)
+        progress.done(f"top-1 {final_fig['top1_agreement']:.3f}, KL {final_fig['mean_kl_divergence']:.4g}, "
+                      f"greedy {final_fig['greedy_agreement']:.3f}")
+    meta["node_count"] = _node_count(final_path)
+    _copy_onnx(final_path, out / "model.onnx")
+    tokenizer.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    model.config.save_pretrained(out)
+    return {
+        "kind": "causal_lm",
+        "source": _source_manifest(cfg, resolved),
+        "graph": graph,
+        "decoder": meta,
+        "quantization": _quant_meta(options),
+        "opset": _opset(out / "model.onnx"),
+        "validation": {"fp32": fp32_fig, options.precision: final_fig, "fallback_reason": fallback_reason},
+    }
+
+
+# --- encoders -----------------------------------------------------------------------------------------
+
+def _export_encoder(cfg, options, progress, work: Path, out: Path) -> dict[str, Any]:
+    from sentence_transformers import SentenceTransformer
+    from tta_engine.embeddings import OrtEncoder
+
+    progress.stage("load", f"loading {cfg.source.describe()} with sentence-transformers")
+    resolved = resolve_source(cfg, options.cache_dir)
+    st = SentenceTransformer(str(resolved.directory), device="cpu")
+    hf_model = st[0].auto_model.eval()
+    progress.done(f"{hf_model.config.model_type}, dim {st.get_sentence_embedding_dimension()}")
+
+    progress.stage("export", "exporting with Optimum (feature-extraction)")
+    stage_dir = work / "encoder"
+    raw = _optimum_export(hf_model, stage_dir, "feature-extraction", options.opset)
+    st.tokenizer.save_pretrained(stage_dir)
+    for f in ST_FILES:
+        if (resolved.directory / f).is_file():
+            shutil.copy2(resolved.directory / f, stage_dir / f)
+    for pool_dir in resolved.directory.glob("*_Pooling"):
+        shutil.copytree(pool_dir, stage_dir / pool_dir.name, dirs_exist_ok=True)
+    progress.done(f"{_node_count(raw)} nodes")
+
+    def check(name: str) -> dict:
+        enc = OrtEncoder(stage_dir, model_file=name)
+        try:
+            return validate.compare_encoder(st, enc)
+        finally:
+            enc.close()
+
+    progress.stage("optimize", "fusing attention / LayerNorm / GELU with ONNX Runtime's transformer optimizer")
+    unfused_fig = check(raw.name)
+    graph, chosen, fused_fig = "optimum", raw, None
+    try:
+        fused = _ort_fuse_encoder(raw, stage_dir / "fused.onnx", hf_model.config)
+        fused_fig = check(fused.name)
+        if fused_fig["min_cosine"] >= unfused_fig["min_cosine"] - 1e-5:
+            graph, chosen = "optimum+ort-fusions", fused
+        progress.done(f"{_node_count(raw)} -> {_node_count(fused)} nodes, min cosine {fused_fig['min_cosine']}")
+    except Exception as exc:  # noqa: BLE001 - fusion is an optimization; the unfused graph stays valid
+        progress.done(f"fusion not applied ({type(exc).__name__}: {exc}); keeping the unfused graph")
+    final, final_fig = chosen, fused_fig if chosen is not raw else unfused_fig
+    if options.precision != "fp32":
+        progress.stage("quantize", f"quantizing to {options.precision}")
+        final = stage_dir / f"model_{options.precision}.onnx"
+        quantize(chosen, final, options.precision, block_size=options.block_size)
+        progress.done()
+        progress.stage("validate", f"validating {options.precision} against sentence-transformers")
+        final_fig = check(final.name)
+        progress.done(f"min cosine {final_fig['min_cosine']}")
+    elif final_fig["min_cosine"] < 0.9999:
+        raise ExportError(f"{cfg.name}: fp32 encoder cosine vs sentence-transformers is "
+                          f"{final_fig['min_cosine']} < 0.9999")
+    _copy_onnx(final, out / "model.onnx")
+    for p in stage_dir.iterdir():
+        if p.suffix != ".onnx" and not p.name.endswith(".onnx.data"):
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, out / p.name)
+    return {
+        "kind": "embedding",
+        "source": _source_manifest(cfg, resolved),
+        "graph": graph,
+        "encoder": {"dimension": st.get_sentence_embedding_dimension(), "node_count": _node_count(out / "model.onnx")},
+        "quantization": _quant_meta(options),
+        "opset": _opset(out / "model.onnx"),
+        "validation": {"fp32_unfused": unfused_fig, "fp32_fused": fused_fig, options.precision: final_fig},
+    }
+
+
+def _ort_fuse_encoder(src: Path, dst: Path, config) -> Path:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(src), model_type="bert", num_heads=config.num_attention_heads,
+                         hidden_size=config.hidden_size, opt_level=1)
+    opt.save_model_to_file(str(dst))
+    return dst
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+def _optimum_export(model, out_dir: Path, task: str, opset: int | None) -> Path:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_export_from_model(model, out_dir, task=task, opset=opset, do_validation=False)
+    return out_dir / "model.onnx"
+
+
+def _copy_onnx(src: Path, dst: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(src))
+    if model.ByteSize() > 1_500_000_000:
+        onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _quant_meta(options: ExportOptions) -> dict[str, Any]:
+    if options.precision == "int4":
+        return {"method": "MatMulNBits weight-only, symmetric", "bits": 4, "block_size": options.block_size,
+                "accuracy_level": 4, "lm_head": True, "embedding": "GatherBlockQuantized"}
+    if options.precision == "int8":
+        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "lm_head": True,
+                "embedding": "int8 Gather + DequantizeLinear"}
+    return {"method": None}
