@@ -20,8 +20,16 @@ POOLING_MODES = ("mean", "cls", "max", "lasttoken")
 
 
 def read_pooling(model_dir: Path) -> tuple[str, bool, int]:
-    """(pooling mode, normalize, max_seq_length) from a sentence-transformers directory layout."""
-    mode, normalize, max_len = "mean", False, 512
+    """(pooling mode, normalize, max_seq_length) of an encoder directory.
+
+    Artifacts carry ``pooling.json`` (written at export from the live sentence-transformers model);
+    otherwise the sentence-transformers files are read (v2-v5 layouts).
+    """
+    explicit = model_dir / "pooling.json"
+    if explicit.is_file():
+        cfg = json.loads(explicit.read_text())
+        return cfg["mode"], bool(cfg["normalize"]), int(cfg["max_seq_length"])
+    mode, normalize, max_len = "mean", False, None
     modules = model_dir / "modules.json"
     if modules.is_file():
         for mod in json.loads(modules.read_text()):
@@ -30,14 +38,15 @@ def read_pooling(model_dir: Path) -> tuple[str, bool, int]:
                 normalize = True
             if kind.endswith("Pooling"):
                 cfg = json.loads((model_dir / mod["path"] / "config.json").read_text())
-                for m in POOLING_MODES:
-                    if cfg.get(f"pooling_mode_{m}_tokens") or cfg.get(f"pooling_mode_{m}_token"):
-                        mode = m
-                        break
+                mode = cfg.get("pooling_mode") or next(
+                    (m for m in POOLING_MODES if cfg.get(f"pooling_mode_{m}_tokens") or cfg.get(f"pooling_mode_{m}_token")),
+                    "mean")
     sbert = model_dir / "sentence_bert_config.json"
     if sbert.is_file():
-        max_len = int(json.loads(sbert.read_text()).get("max_seq_length", max_len))
-    return mode, normalize, max_len
+        max_len = json.loads(sbert.read_text()).get("max_seq_length")
+    if max_len is None and (model_dir / "config.json").is_file():
+        max_len = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    return mode, normalize, int(max_len or 512)
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
@@ -122,3 +131,28 @@ class TorchEncoder:
 
     def close(self) -> None:
         self.model = None
+
+
+def open_encoder(cfg, *, artifacts_root=None, backend: str | None = None, cache_dir: str | None = None,
+                 threads: int | None = None, export_if_missing: bool | None = None):
+    """The ONNX artifact when it exists (exporting it first when the config allows), else sentence-transformers."""
+    import logging
+
+    from .artifact import artifact_dir, load_artifact
+    from .sources import resolve_source
+
+    log = logging.getLogger(__name__)
+    backend = backend or cfg.backend
+    path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
+    if backend != "torch":
+        export = cfg.export_on_demand if export_if_missing is None else export_if_missing
+        if not (path / "manifest.json").is_file() and export:
+            from .export.pipeline import ExportOptions, export_model
+
+            log.warning("no %s artifact for %s at %s: exporting it now", cfg.precision, cfg.name, path)
+            export_model(cfg, ExportOptions(precision=cfg.precision, out_root=path.parents[1], cache_dir=cache_dir))
+        if (path / "manifest.json").is_file() or backend == "onnx":
+            art = load_artifact(path)
+            return OrtEncoder(art.path, threads=threads)
+        log.warning("no artifact for %s at %s: using sentence-transformers (PyTorch)", cfg.name, path)
+    return TorchEncoder(resolve_source(cfg, cache_dir).directory)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ..errors import ExportError
 
@@ -82,7 +82,8 @@ def _unsupported_reason(config) -> str | None:
         return f"head_dim={_head_dim(config)}: GroupQueryAttention's rotary needs a multiple of 16"
     if _activation(config) not in _ACTIVATIONS:
         return f"activation {_activation(config)!r}"
-    rope_type = (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if "dynamic" in str(rope_type):
         return "dynamic NTK rope scaling (its frequencies depend on the current length)"
     return None
@@ -139,7 +140,8 @@ def _spec(model, max_cache_len: int | None) -> _Spec:
         head_dim=attn0.head_dim, vocab=config.vocab_size, eps=float(config.rms_norm_eps),
         activation=_activation(config), scale=float(attn0.scaling), max_cache_len=int(max_cache_len),
         norm_offset=1.0 if gemma else 0.0, qk_norm=hasattr(attn0, "q_norm"),
-        attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
+        # HF's Gemma3 attention reads config.attn_logit_softcapping but never applies it (4.57).
+        attn_softcap=0.0,
         final_softcap=getattr(config, "final_logit_softcapping", None),
         windows=[w if w and w < max_cache_len else None for w in windows],
     )
@@ -155,9 +157,11 @@ def _spec(model, max_cache_len: int | None) -> _Spec:
 
 
 class _Graph:
+    """Nodes plus initializers written straight into the ModelProto (one copy of each weight)."""
+
     def __init__(self):
+        self.model = onnx.ModelProto()
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
         self.weight_bytes = 0
         self._consts: dict[tuple, str] = {}
 
@@ -165,7 +169,10 @@ class _Graph:
         if isinstance(array, torch.Tensor):
             array = array.detach().to(torch.float32).cpu().numpy()
         array = np.ascontiguousarray(array)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        t = self.model.graph.initializer.add()
+        t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
+        t.dims.extend(array.shape)
+        t.raw_data = array.tobytes()
         self.weight_bytes += array.nbytes
         return name
 
@@ -356,8 +363,8 @@ def _attention(g: _Graph, i: int, attn, x: str, spec: _Spec, rope: tuple[str, st
         outputs=[f"/{p}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
         domain="com.microsoft", num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
         scale=spec.scale, do_rotary=1, rotary_interleaved=0, softcap=spec.attn_softcap,
-        # HF's sliding window of W keys = the current one + local_window_size before it
-        local_window_size=(window - 1) if window else -1,
+        # ORT attends to the last local_window_size keys (current one included), as HF does
+        local_window_size=window if window else -1,
     )[0]  # [B, S, N * H]
     return _matmul(g, out, _linear_t(attn.o_proj), getattr(attn.o_proj, "bias", None), f"{p}/o_proj")
 
@@ -385,7 +392,7 @@ def _lm_head(g: _Graph, model, x: str, spec: _Spec) -> str:
         cap = g.weight("/lm_head/softcap", np.array(spec.final_softcap, np.float32))
         t = g.one("Tanh", [g.one("Div", [logits, cap], "/lm_head/softcap/Div")], "/lm_head/softcap/Tanh")
         logits = g.one("Mul", [t, cap], "/lm_head/softcap/Mul")
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits/Identity"))
+    g.nodes[-1].output[0] = "logits"  # the last node writes the graph output directly
     return "logits"
 
 
@@ -474,12 +481,14 @@ def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = No
     _decoder(g, model, spec, ropes)
 
     inputs, outputs, io = _io(spec)
-    graph = helper.make_graph(g.nodes, "fused_decoder", inputs, outputs, g.initializers)
-    onnx_model = helper.make_model(
-        graph, producer_name="tta_engine.export.fused",
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-    )
+    onnx_model = g.model
+    onnx_model.graph.name = "fused_decoder"
+    onnx_model.graph.node.extend(g.nodes)
+    onnx_model.graph.input.extend(inputs)
+    onnx_model.graph.output.extend(outputs)
+    onnx_model.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
     onnx_model.ir_version = 8
+    onnx_model.producer_name = "tta_engine.export.fused"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{out_path.name}.data"
     external = g.weight_bytes > EXTERNAL_DATA_THRESHOLD

@@ -12,6 +12,7 @@ A readable sequence of named stages:
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import sys
 import tempfile
@@ -243,6 +244,10 @@ def _export_encoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
             shutil.copy2(resolved.directory / f, stage_dir / f)
     for pool_dir in resolved.directory.glob("*_Pooling"):
         shutil.copytree(pool_dir, stage_dir / pool_dir.name, dirs_exist_ok=True)
+    pooling = {"mode": next((m.pooling_mode for m in st if hasattr(m, "pooling_mode")), "mean"),
+               "normalize": any(type(m).__name__ == "Normalize" for m in st),
+               "max_seq_length": int(st.max_seq_length)}
+    (stage_dir / "pooling.json").write_text(json.dumps(pooling, indent=2) + "\n")
     progress.done(f"{_node_count(raw)} nodes")
 
     def check(name: str) -> dict:

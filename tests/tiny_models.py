@@ -114,7 +114,9 @@ def save_tiny_encoder(out: Path, seed: int = 0) -> Path:
     model = tiny_model("bert", seed)
     hf_dir = out / "_hf"
     model.save_pretrained(hf_dir)
-    tiny_tokenizer().save_pretrained(hf_dir)
+    tok = tiny_tokenizer()
+    tok.chat_template = None  # sentence-transformers >= 5 would render texts through a chat template
+    tok.save_pretrained(hf_dir)
     word = models.Transformer(str(hf_dir), max_seq_length=128)
     pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
     st = SentenceTransformer(modules=[word, pool, models.Normalize()], device="cpu")

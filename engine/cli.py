@@ -1,0 +1,261 @@
+"""The ``tta-engine`` command line: export, generate, chat, embed, models, verify, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import TTAEngineError
+
+
+def _configs(args):
+    from .config import load_model_configs
+
+    return load_model_configs(args.config)
+
+
+def _cfg(args, name: str):
+    from .config import get_config
+
+    return get_config(_configs(args), name)
+
+
+def cmd_export(args) -> int:
+    from .export.pipeline import ExportOptions, export_model
+
+    cfg = _cfg(args, args.name)
+    precisions = args.precision or [cfg.precision]
+    for precision in precisions:
+        art = export_model(cfg, ExportOptions(precision=precision, out_root=args.out, graph=args.graph,
+                                              block_size=args.block_size, cache_dir=args.cache_dir))
+        val = art.manifest["validation"][precision]
+        print(f"exported {cfg.name} ({precision}, {art.manifest['graph']} graph) -> {art.path}  "
+              f"[{art.size_bytes / 1e6:.1f} MB]")
+        print("  validation: " + ", ".join(f"{k}={v}" for k, v in val.items()))
+    return 0
+
+
+def _sampling_kwargs(args) -> dict:
+    kw = {}
+    for key in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty"):
+        val = getattr(args, key, None)
+        if val is not None:
+            kw[key] = val
+    if getattr(args, "stop", None):
+        kw["stop"] = args.stop
+    return kw
+
+
+def _open_lm(args, name: str):
+    from .runtime import open_language_model
+
+    return open_language_model(_cfg(args, name), artifacts_root=args.artifacts, backend=args.backend,
+                               threads=args.threads)
+
+
+def _stream_reply(lm, messages, kwargs) -> str:
+    from .generator import GenerationState
+
+    state = GenerationState(0)
+    parts = []
+    for delta in lm.events(messages, state=state, **kwargs):
+        parts.append(delta)
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    c = state.completion()
+    print(f"\n[{c['usage']['completion_tokens']} tokens, first token {c['timings']['time_to_first_token_s'] * 1000:.0f} ms, "
+          f"{c['timings']['decode_tokens_per_s']:.1f} tok/s, {lm.kind}, finish: {c['finish_reason']}]",
+          file=sys.stderr)
+    return "".join(parts)
+
+
+def cmd_generate(args) -> int:
+    lm = _open_lm(args, args.name)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    _stream_reply(lm, messages, _sampling_kwargs(args))
+    lm.close()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    lm = _open_lm(args, args.name)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"chatting with {args.name} ({lm.kind}); empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = _stream_reply(lm, messages, _sampling_kwargs(args))
+        messages.append({"role": "assistant", "content": reply})
+    lm.close()
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .embeddings import open_encoder
+
+    enc = open_encoder(_cfg(args, args.name), artifacts_root=args.artifacts, backend=args.backend)
+    vecs = enc.encode(args.texts)
+    for text, vec in zip(args.texts, vecs, strict=True):
+        print(f"{text[:40]!r}: dim {len(vec)} [{', '.join(f'{x:.4f}' for x in vec[:6])}, ...]")
+    if len(args.texts) > 1:
+        sims = vecs @ vecs.T
+        print("cosine similarity:")
+        for i, t in enumerate(args.texts):
+            print(f"  {t[:30]!r:34}" + " ".join(f"{sims[i, j]:6.3f}" for j in range(len(args.texts))))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .artifact import artifact_dir, load_artifact
+    from .errors import ArtifactError
+
+    configs = _configs(args)
+    print(f"{'model':24} {'type':10} {'precision':9} {'artifact':32} {'size':>9}  source")
+    for cfg in configs.values():
+        path = artifact_dir(args.artifacts, cfg.name, cfg.precision)
+        status, size = "missing", ""
+        try:
+            art = load_artifact(path, verify=False)
+            status, size = f"ok ({art.manifest['graph']})", f"{art.size_bytes / 1e6:.1f} MB"
+        except ArtifactError as exc:
+            status = "corrupted" if "manifest" in str(exc) and path.exists() else "missing"
+        print(f"{cfg.name:24} {cfg.model_type:10} {cfg.precision:9} {status:32} {size:>9}  {cfg.source.describe()}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .artifact import artifact_dir, load_artifact
+
+    cfg = _cfg(args, args.name)
+    art = load_artifact(artifact_dir(args.artifacts, cfg.name, args.precision or cfg.precision))
+    print(f"{art.path}: {len(art.manifest['files'])} files match their sha256")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's main job: export both packaged defaults, stream a narrative reply, compare embeddings."""
+    from .embeddings import open_encoder
+    from .runtime import open_language_model
+
+    configs = _configs(args)
+    lm_cfg, emb_cfg = configs[args.lm], configs[args.embedder]
+    from .artifact import artifact_dir
+    from .export.pipeline import ExportOptions, export_model
+
+    for cfg in (lm_cfg, emb_cfg):
+        if not (artifact_dir(args.artifacts, cfg.name, cfg.precision) / "manifest.json").is_file():
+            export_model(cfg, ExportOptions(precision=cfg.precision, out_root=args.artifacts))
+    lm = open_language_model(lm_cfg, artifacts_root=args.artifacts, backend="onnx")
+    messages = [
+        {"role": "system", "content": "You are the gentle narrator of a calming text adventure."},
+        {"role": "user", "content": "I step into a quiet forest at dusk. Describe what I notice."},
+    ]
+    print(f"--- {lm_cfg.name} ({lm_cfg.precision}, streaming) ---")
+    _stream_reply(lm, messages, {"max_new_tokens": 96, "temperature": 0.0})
+    lm.close()
+    enc = open_encoder(emb_cfg, artifacts_root=args.artifacts, backend="onnx")
+    texts = ["I feel anxious about tomorrow.", "I'm worried about what happens next.", "The dragon guards a golden hoard."]
+    t0 = time.perf_counter()
+    v = enc.encode(texts)
+    ms = (time.perf_counter() - t0) * 1000
+    print(f"--- {emb_cfg.name} ({emb_cfg.precision}) embeddings, {len(texts)} texts in {ms:.1f} ms ---")
+    print(f"  sim({texts[0]!r}, {texts[1]!r}) = {float(v[0] @ v[1]):.3f}")
+    print(f"  sim({texts[0]!r}, {texts[2]!r}) = {float(v[0] @ v[2]):.3f}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="model config TOML (default: packaged configs/models.toml)")
+    p.add_argument("--artifacts", type=Path, default=None, help="artifacts root (default: ./artifacts or $TTA_ENGINE_ARTIFACTS)")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", dest="top_p", type=float, default=None)
+    p.add_argument("--top-k", dest="top_k", type=int, default=None)
+    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tta-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="compile a configured model into a validated ONNX artifact")
+    _add_common(p)
+    p.add_argument("name")
+    p.add_argument("--precision", action="append", choices=["fp32", "int8", "int4"],
+                   help="repeatable; default: the config's precision")
+    p.add_argument("--out", type=Path, default=None, help="artifacts root to write into")
+    p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto")
+    p.add_argument("--block-size", dest="block_size", type=int, default=32, help="int4 block size")
+    p.add_argument("--cache-dir", dest="cache_dir", default=None, help="Hugging Face cache dir for hub sources")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="stream a reply to one prompt")
+    _add_common(p)
+    _add_runtime(p)
+    p.add_argument("name")
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_common(p)
+    _add_runtime(p)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("embed", help="embed texts and print their cosine similarities")
+    _add_common(p)
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    p.add_argument("name")
+    p.add_argument("texts", nargs="+")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("models", help="configured models, artifact status and sizes")
+    _add_common(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("verify", help="check an artifact's files against its manifest hashes")
+    _add_common(p)
+    p.add_argument("name")
+    p.add_argument("--precision", default=None)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="export the packaged defaults, stream a reply, compare embeddings")
+    _add_common(p)
+    p.add_argument("--lm", default="smollm2-135m-instruct")
+    p.add_argument("--embedder", default="all-minilm-l6-v2")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TTAEngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

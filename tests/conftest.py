@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random models saved to disk, their configs, and exported artifacts (cached per
+session so each architecture/precision is exported once). Also puts tests/ on sys.path so that
+``import tiny_models`` works."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from tiny_models import DECODER_ARCHS, save_tiny_decoder, save_tiny_encoder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tiny_root) -> dict[str, Path]:
+    dirs = {arch: save_tiny_decoder(arch, tiny_root / arch) for arch in DECODER_ARCHS}
+    dirs["bert"] = save_tiny_encoder(tiny_root / "bert")
+    return dirs
+
+
+def tiny_cfg(name: str, path: Path, model_type: str = "causal_lm", **extra):
+    from tta_engine.config import model_config_from_dict
+
+    raw = {"model_type": model_type, "source": {"kind": "local", "path": str(path)}, "max_tokens": 24,
+           "temperature": 0.0, "context_length": 256}
+    if model_type == "embedding":
+        raw = {"model_type": "embedding", "source": {"kind": "local", "path": str(path)}, "embedding_dimension": 64}
+    raw.update(extra)
+    return model_config_from_dict(name, raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_configs(tiny_dirs):
+    cfgs = {f"tiny-{a}": tiny_cfg(f"tiny-{a}", tiny_dirs[a]) for a in DECODER_ARCHS}
+    cfgs["tiny-bert"] = tiny_cfg("tiny-bert", tiny_dirs["bert"], "embedding")
+    return cfgs
+
+
+class ArtifactCache:
+    """Exports on first request and remembers the artifact (session-wide)."""
+
+    def __init__(self, root: Path, configs):
+        self.root, self.configs, self.done = root, configs, {}
+
+    def get(self, name: str, precision: str = "fp32", graph: str = "auto"):
+        from tta_engine.export.pipeline import ExportOptions, export_model
+
+        key = (name, precision, graph)
+        if key not in self.done:
+            options = ExportOptions(precision=precision, out_root=self.root / graph, graph=graph)
+            self.done[key] = export_model(self.configs[name], options, quiet=True)
+        return self.done[key]
+
+
+@pytest.fixture(scope="session")
+def artifacts(tiny_root, tiny_configs) -> ArtifactCache:
+    return ArtifactCache(tiny_root / "artifacts", tiny_configs)

@@ -1,0 +1,202 @@
+"""The export stage on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tiny_models import DECODER_ARCHS, tiny_model
+from tta_engine.artifact import load_artifact, sha256_file
+from tta_engine.errors import ArtifactCorruptedError, ArtifactError
+from tta_engine.export.validate import validation_prompts
+from tta_engine.ort_decoder import OrtDecoder
+
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def torch_greedy(model, ids, steps):
+    out = []
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        for _ in range(steps):
+            nxt = int(model(x).logits[0, -1].argmax())
+            out.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def ort_greedy(art, ids, steps):
+    dec = OrtDecoder(art.file("model.onnx"), art.manifest["decoder"])
+    cache = dec.new_cache(1, 8)  # small on purpose: the cache must grow in place
+    logits = dec.forward(cache, np.array([ids]))[0]
+    out = []
+    for _ in range(steps):
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        logits = dec.forward(cache, np.array([[nxt]]))[0]
+    return out
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+@pytest.mark.parametrize("graph", ["auto", "optimum"])
+def test_decoder_exports_at_every_precision(artifacts, arch, graph):
+    for precision in PRECISIONS:
+        art = artifacts.get(f"tiny-{arch}", precision, graph)
+        m = art.manifest
+        assert m["precision"] == precision and m["kind"] == "causal_lm"
+        assert m["graph"] == ("fused" if graph == "auto" else "optimum"), m["validation"].get("fallback_reason")
+        fig = m["validation"][precision]
+        for key in ("max_abs_logit_diff", "top1_agreement", "mean_kl_divergence", "greedy_agreement"):
+            assert key in fig
+        assert m["validation"]["fp32"]["greedy_exact"] is True
+        if precision == "fp32":
+            assert fig["max_abs_logit_diff"] < 1e-3 and fig["top1_agreement"] == 1.0
+        else:
+            # random tiny models have flat logits, so top-1 is fragile; KL is the robust figure
+            min_top1, max_kl = (0.85, 0.01) if precision == "int8" else (0.5, 0.05)
+            assert fig["top1_agreement"] >= min_top1 and fig["mean_kl_divergence"] < max_kl, fig
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_fp32_greedy_tokens_equal_pytorch(artifacts, tiny_dirs, arch):
+    from transformers import AutoTokenizer
+
+    art = artifacts.get(f"tiny-{arch}", "fp32")
+    model = tiny_model(arch)
+    ids = validation_prompts(AutoTokenizer.from_pretrained(tiny_dirs[arch]))[1]
+    assert ort_greedy(art, ids, 32) == torch_greedy(model, ids, 32)
+
+
+def test_quantized_graphs_use_quantized_kernels_and_quantize_lm_head(artifacts):
+    import onnx
+
+    for precision, op in (("int4", "MatMulNBits"), ("int8", "MatMulInteger")):
+        art = artifacts.get("tiny-llama", precision)  # tied embeddings: the LM head is the embedding table
+        g = onnx.load(str(art.file("model.onnx"))).graph
+        vocab = art.manifest["decoder"]["vocab_size"]
+        float_weights = [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT and vocab in i.dims]
+        assert not float_weights, f"{precision}: fp32 weights with the vocab dim remain: {[i.name for i in float_weights]}"
+        assert any(n.op_type == op for n in g.node)
+        fp32 = artifacts.get("tiny-llama", "fp32")
+        assert art.size_bytes < fp32.size_bytes
+
+
+def test_fused_graph_is_much_smaller_than_optimum(artifacts):
+    fused = artifacts.get("tiny-llama", "fp32", "auto").manifest["decoder"]["node_count"]
+    unfused = artifacts.get("tiny-llama", "fp32", "optimum").manifest["decoder"]["node_count"]
+    assert fused * 3 < unfused
+
+
+def test_encoder_export_matches_sentence_transformers(artifacts):
+    for precision in PRECISIONS:
+        art = artifacts.get("tiny-bert", precision)
+        fig = art.manifest["validation"][precision]
+        assert fig["min_cosine"] >= (0.9999 if precision == "fp32" else 0.98)
+    assert artifacts.get("tiny-bert", "fp32").manifest["graph"] == "optimum+ort-fusions"
+
+
+def test_manifest_lists_every_file_with_correct_sha256(artifacts):
+    art = artifacts.get("tiny-qwen2", "int4")
+    on_disk = {p.relative_to(art.path).as_posix() for p in art.path.rglob("*") if p.is_file()}
+    assert on_disk - {"manifest.json"} == set(art.manifest["files"])
+    for rel, meta in art.manifest["files"].items():
+        assert sha256_file(art.file(rel)) == meta["sha256"]
+        assert art.file(rel).stat().st_size == meta["size"]
+    for key in ("source", "opset", "versions", "validation", "precision"):
+        assert key in art.manifest
+    assert art.manifest["source"]["input_hashes"]
+    assert {"onnxruntime", "transformers", "optimum"} <= set(art.manifest["versions"])
+
+
+def test_tampered_file_is_detected(artifacts, tmp_path):
+    import shutil
+
+    src = artifacts.get("tiny-llama", "fp32").path
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    load_artifact(copy)  # intact copy verifies
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorruptedError, match="sha256"):
+        load_artifact(copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactCorruptedError, match="missing"):
+        load_artifact(copy)
+
+
+def test_missing_artifact_error_says_how_to_export(tmp_path):
+    with pytest.raises(ArtifactError, match="tta-engine export"):
+        load_artifact(tmp_path / "ghost" / "int4")
+
+
+def test_failed_export_leaves_old_artifact(artifacts, tiny_configs, tmp_path, monkeypatch):
+    from tta_engine.export import pipeline
+
+    root = tmp_path / "arts"
+    cfg = tiny_configs["tiny-llama"]
+    old = pipeline.export_model(cfg, pipeline.ExportOptions(out_root=root), quiet=True)
+    before = {k: v["sha256"] for k, v in old.manifest["files"].items()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # an interrupt during the quantize stage
+
+    monkeypatch.setattr(pipeline, "quantize", boom)
+    # a different precision directory is untouched, and so is the same one:
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_model(cfg, pipeline.ExportOptions(out_root=root, precision="int4"), quiet=True)
+    assert not (root / cfg.name / "int4").exists()
+    monkeypatch.setattr(pipeline, "write_manifest", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_model(cfg, pipeline.ExportOptions(out_root=root), quiet=True)
+    again = load_artifact(root / cfg.name / "fp32")
+    assert {k: v["sha256"] for k, v in again.manifest["files"].items()} == before
+    leftovers = [p.name for p in (root / cfg.name).iterdir() if p.name.startswith(".")]
+    assert not [n for n in leftovers if "tmp" in n or "work" in n], leftovers
+
+
+def test_export_killed_midway_leaves_old_artifact_loadable(tiny_dirs, tmp_path):
+    """SIGKILL a real `tta-engine export` subprocess while it works; the old artifact still verifies."""
+    root = tmp_path / "arts"
+    cfg_file = tmp_path / "models.toml"
+    cfg_file.write_text(
+        f'[models.tiny]\nmodel_type = "causal_lm"\ncontext_length = 256\n'
+        f'source = {{ kind = "local", path = "{tiny_dirs["phi3"]}" }}\n'
+    )
+    cli = [sys.executable, "-m", "tta_engine.cli", "export", "tiny", "--config", str(cfg_file), "--out", str(root)]
+    subprocess.run(cli, check=True, capture_output=True)
+    before = json.loads((root / "tiny" / "fp32" / "manifest.json").read_text())["files"]
+    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # wait until it is past loading (the work directory exists), then kill it hard
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".work-") for p in (root / "tiny").iterdir()):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    art = load_artifact(root / "tiny" / "fp32")
+    assert art.manifest["files"] == before
+
+
+def test_cli_export_prints_validation(tiny_dirs, tmp_path):
+    cfg_file = tmp_path / "models.toml"
+    cfg_file.write_text(
+        f'[models.tiny]\nmodel_type = "causal_lm"\ncontext_length = 256\n'
+        f'source = {{ kind = "local", path = "{tiny_dirs["llama"]}" }}\n'
+    )
+    res = subprocess.run([sys.executable, "-m", "tta_engine.cli", "export", "tiny", "--config", str(cfg_file),
+                          "--out", str(tmp_path / "a"), "--precision", "int4"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "top1_agreement" in res.stdout and "[4/6]" in res.stderr
+    bad = subprocess.run([sys.executable, "-m", "tta_engine.cli", "export", "nope", "--config", str(cfg_file)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
