@@ -167,13 +167,13 @@ class OrtDecoder:
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("seqlens_k", (new_lengths - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(new_lengths.max(), dtype=np.int32))
+        io.bind_output("logits", "cpu")  # first, so that get_outputs()[0] is the logits
         shape = cache.keys[0].shape if cache.keys else None
         for i in range(self.num_layers):
             for kind, buf in (("key", cache.keys[i]), ("value", cache.values[i])):
                 ptr = buf.ctypes.data
                 io.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
                 io.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
-        io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 

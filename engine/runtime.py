@@ -93,16 +93,20 @@ class LanguageModel:
     async def astream(self, prompt: str | Messages, state: GenerationState | None = None, **kwargs) -> AsyncIterator[str]:
         """Async iterator of text deltas; decoding runs in a worker thread, one step per await."""
         gen = self.events(prompt, state=state, **kwargs)
-        loop = asyncio.get_running_loop()
+        step = None
         try:
             while True:
-                delta = await loop.run_in_executor(self._executor, next, gen, _DONE)
+                step = self._executor.submit(next, gen, _DONE)
+                delta = await asyncio.wrap_future(step)
                 if delta is _DONE:
                     return
                 yield delta
         finally:
-            # Runs on completion, on break/aclose and on task cancellation: stop decoding, free the cache.
-            await asyncio.shield(loop.run_in_executor(self._executor, gen.close))
+            # Runs on completion, break/aclose and task cancellation: let the in-flight step (at most one
+            # decode step) finish, then close the generator, which stops decoding and frees its KV cache.
+            if step is not None and not step.done():
+                await asyncio.shield(asyncio.wrap_future(step))
+            await asyncio.shield(asyncio.wrap_future(self._executor.submit(gen.close)))
 
     async def agenerate(self, prompt: str | Messages, **kwargs) -> Completion:
         state = GenerationState(0)

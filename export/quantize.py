@@ -65,7 +65,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
     try:
         quantize_dynamic(
             untied, dst, per_channel=True, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gather"], extra_options={"MatMulConstBOnly": True},
+            op_types_to_quantize=["MatMul", "Gather"],
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         untied.unlink(missing_ok=True)

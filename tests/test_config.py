@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tta_engine.config import coerce_configs, get_config, load_model_configs, model_config_from_dict
 from tta_engine.errors import ConfigError, ModelNotAvailableError, UnknownModelError
 from tta_engine.sources import resolve_source

@@ -222,15 +222,3 @@ def test_sample_batch_rows_match_sample_token():
     assert sample_batch(xs, SamplingParams(temperature=0), make_rng(0)).tolist() == np.argmax(xs, -1).tolist()
     with pytest.raises(ValueError, match="one params"):
         sample_batch(xs, params[:2], make_rng(0))
-
-
-def test_sampling_is_fast_enough_for_a_49k_vocab():
-    import time
-
-    x = _logits(11)
-    rng = make_rng(0)
-    for params in (SamplingParams(), SamplingParams(top_k=50, top_p=0.9), SamplingParams(top_p=0.95)):
-        t0 = time.perf_counter()
-        for _ in range(50):
-            sample_token(process_logits(x, params, generated_ids=list(range(200)), eos_ids=[2]), params, rng)
-        assert (time.perf_counter() - t0) / 50 < 0.02  # generous: ~0.5 ms on one core
