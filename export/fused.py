@@ -115,6 +115,7 @@ class _Spec:
     windows: list = field(default_factory=list)  # per layer: sliding window (keys seen) or None
     rotary_dim: int = 0
     head_perm: np.ndarray | None = None  # permutation of q/k head dims for partial rotary (or None)
+    last_logits: bool = False  # logits for the last position only (the runtime never needs more)
 
 
 def _spec(model, max_cache_len: int | None) -> _Spec:
@@ -385,6 +386,10 @@ def _lm_head(g: _Graph, model, x: str, spec: _Spec) -> str:
     """hidden [B, S, D] -> logits [B, S, V] with its own [D, V] weight (untied copy if tied)."""
     head = model.get_output_embeddings()
     w = g.weight("lm_head.MatMul.weight", _linear_t(head).clone())
+    if spec.last_logits:  # [B, S, D] -> [B, 1, D]: a long prefill then pays the LM head once, not S times
+        consts = [g.weight(f"/lm_head/last/{n}", np.array([v], np.int64))
+                  for n, v in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))]
+        x = g.one("Slice", [x, *consts], "/lm_head/last/Slice")
     logits = g.one("MatMul", [x, w], "/lm_head/MatMul")
     if getattr(head, "bias", None) is not None:
         logits = g.one("Add", [logits, g.weight("lm_head.Add.bias", head.bias)], "/lm_head/Add")
@@ -441,7 +446,7 @@ def _io(spec: _Spec) -> tuple[list, list, dict]:
         ("seqlens_k", TensorProto.INT32, ["batch"]),
         ("total_sequence_length", TensorProto.INT32, []),
     ]
-    outputs = [("logits", f32, ["batch", "seq", spec.vocab])]
+    outputs = [("logits", f32, ["batch", 1 if spec.last_logits else "seq", spec.vocab])]
     for i in range(spec.num_layers):
         inputs += [(f"past_key_values.{i}.{kv}", f32, ["batch", kvh, "past_seq", hd]) for kv in ("key", "value")]
         outputs += [(f"present.{i}.{kv}", f32, ["batch", kvh, "present_seq", hd]) for kv in ("key", "value")]
@@ -459,7 +464,8 @@ def _io(spec: _Spec) -> tuple[list, list, dict]:
 
 
 @torch.no_grad()
-def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = None) -> dict:
+def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = None,
+                        last_position_logits: bool = False) -> dict:
     """Write the fused decoder of `model` (a HF causal LM in eval mode) to `out_path`.
 
     `max_cache_len` (default: max_position_embeddings capped at 4096) sizes the rotary caches:
@@ -467,6 +473,7 @@ def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = No
     """
     out_path = Path(out_path)
     spec = _spec(model, max_cache_len)
+    spec.last_logits = last_position_logits
     rotary_dim = int(model.model.rotary_emb(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long))[0].shape[-1])
     width, spec.head_perm = _rotary_layout(rotary_dim, spec.head_dim)
     spec.rotary_dim = rotary_dim
@@ -513,6 +520,7 @@ def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = No
         "weight_bytes": g.weight_bytes,
         "external_data": data_name if external else None,
         "opset": OPSET,
+        "last_position_logits": last_position_logits,
         "io": io,
     }
 

@@ -173,7 +173,7 @@ def _export_decoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
         progress.stage("optimize", "building the fused GroupQueryAttention graph")
         try:
             path = work / "fused.onnx"
-            info = build_fused_decoder(model, path, max_cache_len=context)
+            info = build_fused_decoder(model, path, max_cache_len=context, last_position_logits=True)
             fig = check(path, "fused")
             if fig["greedy_exact"]:
                 fp32_path, graph, fp32_fig = path, "fused", fig
@@ -197,12 +197,12 @@ def _export_decoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
             raise ExportError(f"{cfg.name}: the fp32 ONNX graph does not reproduce PyTorch's greedy tokens: {fp32_fig}")
     meta["graph"] = graph
 
-    final_path, final_fig = fp32_path, fp32_fig
+    final_path, final_fig, quant_meta = fp32_path, fp32_fig, {"method": None}
     if options.precision != "fp32":
         progress.stage("quantize", f"quantizing to {options.precision}")
         final_path = work / f"model_{options.precision}.onnx"
-        quantize(fp32_path, final_path, options.precision, block_size=options.block_size)
-        progress.done()
+        quant_meta = quantize(fp32_path, final_path, options.precision, block_size=options.block_size)
+        progress.done(", ".join(f"{k}={v}" for k, v in quant_meta.items() if k != "method"))
         progress.stage("validate", f"validating {options.precision} against PyTorch")
         final_fig = check(final_path, graph)
         progress.done(f"top-1 {final_fig['top1_agreement']:.3f}, KL {final_fig['mean_kl_divergence']:.4g}, "
@@ -217,7 +217,7 @@ def _export_decoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
         "source": _source_manifest(cfg, resolved),
         "graph": graph,
         "decoder": meta,
-        "quantization": _quant_meta(options),
+        "quantization": quant_meta,
         "opset": _opset(out / "model.onnx"),
         "validation": {"fp32": fp32_fig, options.precision: final_fig, "fallback_reason": fallback_reason},
     }
@@ -269,10 +269,11 @@ def _export_encoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
     except Exception as exc:  # noqa: BLE001 - fusion is an optimization; the unfused graph stays valid
         progress.done(f"fusion not applied ({type(exc).__name__}: {exc}); keeping the unfused graph")
     final, final_fig = chosen, fused_fig if chosen is not raw else unfused_fig
+    quant_meta = {"method": None}
     if options.precision != "fp32":
         progress.stage("quantize", f"quantizing to {options.precision}")
         final = stage_dir / f"model_{options.precision}.onnx"
-        quantize(chosen, final, options.precision, block_size=options.block_size)
+        quant_meta = quantize(chosen, final, options.precision, block_size=options.block_size)
         progress.done()
         progress.stage("validate", f"validating {options.precision} against sentence-transformers")
         final_fig = check(final.name)
@@ -289,7 +290,7 @@ def _export_encoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
         "source": _source_manifest(cfg, resolved),
         "graph": graph,
         "encoder": {"dimension": st.get_sentence_embedding_dimension(), "node_count": _node_count(out / "model.onnx")},
-        "quantization": _quant_meta(options),
+        "quantization": quant_meta,
         "opset": _opset(out / "model.onnx"),
         "validation": {"fp32_unfused": unfused_fig, "fp32_fused": fused_fig, options.precision: final_fig},
     }
@@ -328,13 +329,3 @@ def _opset(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _quant_meta(options: ExportOptions) -> dict[str, Any]:
-    if options.precision == "int4":
-        return {"method": "MatMulNBits weight-only, symmetric", "bits": 4, "block_size": options.block_size,
-                "accuracy_level": 4, "lm_head": True, "embedding": "GatherBlockQuantized"}
-    if options.precision == "int8":
-        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "lm_head": True,
-                "embedding": "int8 Gather + DequantizeLinear"}
-    return {"method": None}

@@ -2,8 +2,10 @@
 
 - int8: dynamic, per-channel (MatMulInteger with int8 weights), the LM head and the embedding Gather
   included.
-- int4: weight-only blockwise (MatMulNBits, configurable block size) for every MatMul with a constant
-  weight, the LM head included; the embedding table becomes GatherBlockQuantized when ORT supports it.
+- int4: weight-only blockwise (MatMulNBits, configurable block size) for every layer MatMul; weights
+  already on a 4-bit grid (GGUF sources) are re-encoded exactly (grid4.py). The LM head and the
+  embedding table (GatherBlockQuantized) are quantized too, at 8 bits by default: on small models with
+  large vocabularies they dominate both the bytes read per token and the error.
 """
 
 from __future__ import annotations
@@ -72,21 +74,102 @@ def quantize_int8(src: Path, dst: Path) -> None:
         untied.unlink(missing_ok=True)
 
 
-def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int | None = 4) -> None:
-    """Weight-only int4 (symmetric, blockwise). ``accuracy_level=4`` lets the CPU kernel compute in int8."""
+def lm_head_node(model: onnx.ModelProto) -> str | None:
+    """Name of the LM head MatMul (by name, else the last MatMul with a constant weight)."""
+    inits = {i.name for i in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    named = [n.name for n in matmuls if "lm_head" in n.name]
+    return named[0] if named else (matmuls[-1].name if matmuls else None)
+
+
+def quantize_embedding_8bit(model: onnx.ModelProto, block_size: int = 32) -> list[str]:
+    """Gather(table[vocab, hidden], ids) -> GatherBlockQuantized with uint8 blocks along hidden.
+
+    ORT's quantizer offers GatherBlockQuantized at 4 bits only, which costs small models a lot of
+    fidelity (SmolLM2 int4: KL 0.007 -> 0.028); a lookup reads one row per token, so 8 bits cost no speed.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done = []
+    for idx, node in enumerate(graph.node):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or node.input[0] not in inits or axis != 0:
+            continue
+        table = numpy_helper.to_array(inits[node.input[0]])
+        if table.ndim != 2 or table.dtype != np.float32 or table.shape[1] % block_size:
+            continue
+        vocab, hidden = table.shape
+        blocks = table.reshape(vocab, hidden // block_size, block_size)
+        lo, hi = blocks.min(-1), blocks.max(-1)
+        scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+        q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+        base = node.input[0]
+        graph.initializer.extend([numpy_helper.from_array(q.reshape(vocab, hidden), f"{base}.q8"),
+                                  numpy_helper.from_array(scale, f"{base}.scales8"),
+                                  numpy_helper.from_array(zero, f"{base}.zero8")])
+        graph.node[idx].CopyFrom(helper.make_node(
+            "GatherBlockQuantized", [f"{base}.q8", node.input[1], f"{base}.scales8", f"{base}.zero8"],
+            list(node.output), name=node.name, domain="com.microsoft", bits=8, block_size=block_size,
+            gather_axis=0, quantize_axis=1))
+        done.append(node.name)
+    if done:
+        used = {i for n in graph.node for i in n.input}
+        keep = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        _ensure_opset(model, "com.microsoft", 1)
+    return done
+
+
+def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4,
+                  head_bits: int = 8) -> dict:
+    """Weight-only int4 for the layers; LM head and embedding at ``head_bits`` (8 by default).
+
+    Layers whose weights already lie on a 4-bit grid (GGUF sources) are re-encoded exactly
+    (export/grid4.py); the others are quantized round-to-nearest, symmetric, blockwise by ORT.
+    Returns what was done, for the manifest.
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
+    from .grid4 import encode_grid_weights
+
     model = _load_untied(src)
-    cfg = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
-    )
-    quant = MatMulNBitsQuantizer(model, algo_config=cfg)
-    quant.process()
-    _save(quant.model.model, dst)
+    head = lm_head_node(model)
+    grid = encode_grid_weights(model, block_size=block_size, accuracy_level=accuracy_level,
+                               skip=(head,) if head else ())
+    rtn = MatMulNBitsQuantizer(
+        model, nodes_to_exclude=grid.correction_nodes + ([head] if head else []),
+        algo_config=DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                                 accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",)))
+    rtn.process()
+    model = rtn.model.model
+    if head:
+        head_q = MatMulNBitsQuantizer(
+            model, nodes_to_include=[head], nodes_to_exclude=grid.correction_nodes,
+            algo_config=DefaultWeightOnlyQuantConfig(
+                block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level, bits=head_bits,
+                op_types_to_quantize=("MatMul",)))
+        head_q.process()
+        model = head_q.model.model
+    gathers = quantize_embedding_8bit(model, block_size)
+    _save(model, dst)
+    return {"method": "MatMulNBits weight-only", "bits": 4, "block_size": block_size,
+            "accuracy_level": accuracy_level, "exact_grid_matrices": len(grid.encoded),
+            "rtn_matrices": sum(1 for n in model.graph.node if n.op_type == "MatMulNBits") - len(grid.encoded)
+            - (1 if head else 0),
+            "lm_head": {"node": head, "bits": head_bits}, "embedding_bits": 8 if gathers else None}
 
 
 def _save(model: onnx.ModelProto, dst: Path) -> None:
@@ -97,20 +180,24 @@ def _save(model: onnx.ModelProto, dst: Path) -> None:
         onnx.save_model(model, str(dst))
 
 
-def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32) -> None:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))  # ORT's quantizers log every node at INFO on the root logger
+def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32) -> dict:
+    # ORT's quantizers log every node at INFO (on the root logger and their own); keep export readable.
+    loggers = [logging.getLogger(n) for n in ("", "onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
-        _quantize(src, dst, precision, block_size)
+        return _quantize(src, dst, precision, block_size)
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
-def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> None:
+def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> dict:
     if precision == "int8":
         quantize_int8(src, dst)
-    elif precision == "int4":
-        quantize_int4(src, dst, block_size=block_size)
-    else:
-        raise ValueError(f"no quantization for precision {precision!r}")
+        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "lm_head": True,
+                "embedding": "int8 Gather + DequantizeLinear"}
+    if precision == "int4":
+        return quantize_int4(src, dst, block_size=block_size)
+    raise ValueError(f"no quantization for precision {precision!r}")
