@@ -81,6 +81,7 @@ class OrtEncoder:
     def __init__(self, path: Path, *, threads: int | None = None, device: str = "auto", model_file: str = "model.onnx"):
         from transformers import AutoTokenizer
 
+        self.path = path
         self.session = create_session(path / model_file, threads=threads, device=device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pooling, self.normalize, self.max_seq_length = read_pooling(path)

@@ -92,6 +92,66 @@ def decode_one_token(backend, cache, token: int) -> np.ndarray:
     return backend.forward(cache, np.array([[token]], dtype=np.int64))[0]
 
 
+class TokenStream:
+    """Per-request decoding state: logits -> sampled token -> text delta, EOS / stop / length checks.
+
+    Shared by the single-request loop below and the batch scheduler (engine/scheduler.py), so both
+    sample, stop and stream identically.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: Sequence[int],
+                 state: GenerationState):
+        self.prompt_ids, self.params, self.state = list(prompt_ids), params, state
+        self.rng = make_rng(params.seed)
+        self.detok = IncrementalDetokenizer(tokenizer, self.prompt_ids)
+        self.stopper = StopStringMatcher(params.stop)
+        self.eos = frozenset(int(e) for e in eos_ids)
+        self.eos_list = sorted(self.eos)
+        self.done = False
+
+    def sample(self, logits: np.ndarray) -> int:
+        """logits [vocab] of the next position -> token id."""
+        st = self.state
+        logits = process_logits(logits, self.params, st.tokens, self.prompt_ids, self.eos_list, len(st.tokens))
+        token = sample_token(logits, self.params, self.rng)
+        if st.t_first is None:
+            st.t_first = time.perf_counter()
+        return token
+
+    def accept(self, token: int) -> str:
+        """Record ``token``; return the text that became final. Sets ``done`` when generation ends
+        (EOS, stop string, max_new_tokens); the token is then not fed to the model."""
+        st = self.state
+        if token in self.eos:
+            st.finish_reason = "stop"
+            return self._finish()
+        st.tokens.append(token)
+        delta, stopped = self.stopper.push(self.detok.push(token))
+        if delta:
+            st.text.append(delta)
+        if stopped:
+            st.finish_reason = "stop"
+            self.done = True
+        elif len(st.tokens) >= self.params.max_new_tokens:
+            st.finish_reason = "length"
+            delta += self._finish()
+        return delta
+
+    def _finish(self) -> str:
+        tail, stopped = self.stopper.push(self.detok.flush())
+        tail += "" if stopped else self.stopper.flush()
+        if stopped:
+            self.state.finish_reason = "stop"
+        self.done = True
+        if tail:
+            self.state.text.append(tail)
+        return tail
+
+    def cancel(self) -> None:
+        self.state.finish_reason = "cancelled"
+        self.done = True
+
+
 def generate_events(backend, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                     eos_ids: Sequence[int], *, cache=None, reuse_len: int = 0,
                     state: GenerationState | None = None) -> Iterator[str]:
@@ -103,43 +163,24 @@ def generate_events(backend, tokenizer, prompt_ids: Sequence[int], params: Sampl
     prompt_ids = list(prompt_ids)
     check_context(len(prompt_ids), params.max_new_tokens, backend.context_length)
     st = state if state is not None else GenerationState(len(prompt_ids))
+    st.prompt_len = len(prompt_ids)
     own_cache = cache is None
     if own_cache:
         cache = backend.new_cache(1, capacity=len(prompt_ids) + params.max_new_tokens)
-    rng = make_rng(params.seed)
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-    stopper = StopStringMatcher(params.stop)
-    eos = frozenset(int(e) for e in eos_ids)
+    stream = TokenStream(tokenizer, prompt_ids, params, eos_ids, st)
     try:
         logits = prefill(backend, cache, prompt_ids[reuse_len:])
         st.t_prefill = time.perf_counter()
-        for step in range(params.max_new_tokens):
-            logits = process_logits(logits, params, st.tokens, prompt_ids, list(eos), step)
-            token = sample_token(logits, params, rng)
-            if st.t_first is None:
-                st.t_first = time.perf_counter()
-            if token in eos:
-                st.finish_reason = "stop"
-                break
-            st.tokens.append(token)
-            delta, stopped = stopper.push(detok.push(token))
+        while True:
+            token = stream.sample(logits)
+            delta = stream.accept(token)
             if delta:
-                st.text.append(delta)
                 yield delta
-            if stopped:
-                st.finish_reason = "stop"
+            if stream.done:
                 return
-            if step + 1 < params.max_new_tokens:
-                logits = decode_one_token(backend, cache, token)
-        tail, stopped = stopper.push(detok.flush())
-        tail += "" if stopped else stopper.flush()
-        if stopped:
-            st.finish_reason = "stop"
-        if tail:
-            st.text.append(tail)
-            yield tail
+            logits = decode_one_token(backend, cache, token)
     except GeneratorExit:
-        st.finish_reason = "cancelled"
+        stream.cancel()
         raise
     finally:
         if own_cache:
