@@ -135,9 +135,9 @@ def test_16_concurrent_streams_equal_their_solo_runs(manager):
 
     async def main():
         together = await asyncio.gather(*[
-            manager.complete(p, "tiny-llama", max_tokens=20, min_new_tokens=20, **kw) for p, kw in zip(prompts, kws)])
+            manager.complete(p, "tiny-llama", max_tokens=20, min_new_tokens=20, **kw) for p, kw in zip(prompts, kws, strict=False)])
         alone = [await manager.complete(p, "tiny-llama", max_tokens=20, min_new_tokens=20, **kw)
-                 for p, kw in zip(prompts, kws)]
+                 for p, kw in zip(prompts, kws, strict=False)]
         return together, alone
 
     together, alone = run(main())

@@ -129,7 +129,7 @@ def test_closing_a_stream_stops_and_frees(lms, backend):
     spy = _CacheSpy(lm.backend)
     params = SamplingParams(temperature=0, max_new_tokens=200, min_new_tokens=200)
     stream = generate_events(spy, lm.tokenizer, lm.encode_prompt(MSGS), params, lm.eos_ids)
-    for _ in zip(range(3), stream):
+    for _ in zip(range(3), stream, strict=False):
         pass
     stream.close()
     steps = spy.steps

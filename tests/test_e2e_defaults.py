@@ -1,0 +1,88 @@
+"""End to end on the two packaged default models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tta_engine.config import load_model_configs
+from tta_engine.export.pipeline import ExportOptions, export_model
+
+pytestmark = pytest.mark.e2e
+LM, EMB = "smollm2-135m-instruct", "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real-artifacts")
+    cfgs = load_model_configs()
+    arts = {(LM, p): export_model(cfgs[LM], ExportOptions(precision=p, out_root=root)) for p in ("int4", "int8")}
+    arts[(EMB, "fp32")] = export_model(cfgs[EMB], ExportOptions(precision="fp32", out_root=root))
+    return root, cfgs, arts
+
+
+def test_smollm2_artifacts_carry_validation_figures(real):
+    _, _, arts = real
+    for precision, (min_top1, max_kl) in {"int4": (0.9, 0.02), "int8": (0.85, 0.1)}.items():
+        m = arts[(LM, precision)].manifest
+        assert m["graph"] == "fused" and m["decoder"]["node_count"] < 1000
+        assert m["validation"]["fp32"]["greedy_exact"] is True  # the fused fp32 graph reproduces PyTorch
+        fig = m["validation"][precision]
+        assert fig["top1_agreement"] >= min_top1 and fig["mean_kl_divergence"] <= max_kl, fig
+        assert m["source"]["input_hashes"]["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert arts[(LM, "int4")].manifest["quantization"]["exact_grid_matrices"] == 120
+
+
+def test_minilm_matches_sentence_transformers(real):
+    from sentence_transformers import SentenceTransformer
+    from tta_engine.embeddings import OrtEncoder
+    from tta_engine.sources import resolve_source
+
+    _, cfgs, arts = real
+    art = arts[(EMB, "fp32")]
+    assert art.manifest["validation"]["fp32"]["min_cosine"] >= 0.9999
+    texts = ["I feel anxious about my presentation.", "A calm lake at night.", "x" * 3000]
+    st = SentenceTransformer(str(resolve_source(cfgs[EMB]).directory), device="cpu")
+    ref = st.encode(texts, normalize_embeddings=True)
+    got = OrtEncoder(art.path).encode(texts)
+    assert got.shape == (3, 384)
+    assert np.min(np.sum(ref * got, axis=1)) >= 0.9999
+
+
+def test_cli_streams_a_chat_reply_from_the_int4_artifact(real):
+    root, _, _ = real
+    env = dict(os.environ, TTA_ENGINE_ARTIFACTS=str(root))
+    res = subprocess.run([sys.executable, "-m", "tta_engine.cli", "generate", LM, "Describe a quiet forest.",
+                          "--max-new-tokens", "24", "--temperature", "0", "--backend", "onnx"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.strip()) > 10
+    assert "tokens, first token" in res.stderr and "onnx" in res.stderr
+
+
+def test_manager_serves_defaults_and_unload_frees_memory(real):
+    import psutil
+    from tta_engine.manager import TransformersModelManager
+
+    root, cfgs, arts = real
+    proc = psutil.Process()
+    gc.collect()
+    before = proc.memory_info().rss
+    m = TransformersModelManager(cfgs, artifacts_root=root)
+    text = asyncio.run(m.generate([{"role": "user", "content": "Hello!"}], LM, max_tokens=8, temperature=0))
+    assert text
+    vec = m.get_embeddings(["hello"])  # the design note's default name resolves to the packaged MiniLM
+    assert len(vec[0]) == 384
+    loaded = proc.memory_info().rss
+    size = arts[(LM, "int4")].size_bytes
+    assert loaded - before > 0.5 * size
+    m.unload_model(LM)
+    gc.collect()
+    after = proc.memory_info().rss
+    assert loaded - after > 0.5 * size, (before, loaded, after, size)
+    m.close()
