@@ -199,7 +199,9 @@ def test_full_queue_raises_overload(artifacts, tiny_configs):
         results = run(main())
         errors = [r for r in results if isinstance(r, OverloadedError)]
         assert errors and "queue limit 2" in str(errors[0])
-        assert sum(isinstance(r, str) for r in results) >= 3  # one decoding + two queued are served
+        # at least the queue's worth is served (plus the one decoding if it was admitted before the burst)
+        assert sum(isinstance(r, str) for r in results) >= 2
+        assert sum(isinstance(r, str) for r in results) + len(errors) == 6
     finally:
         m.close()
 

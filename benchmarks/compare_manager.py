@@ -1,0 +1,128 @@
+"""Manager benchmarks (issue 4), ratios measured in one run on one artifact (default: SmolLM2 int4):
+
+1. aggregate decode tokens/s with N concurrent streams / one stream      (target: 8 streams >= 4x)
+2. second-turn time to first token with a shared ~500-token prefix / cold first turn  (target <= 0.1x)
+3. manager overhead: decode tokens/s through the manager / the bare runtime            (target >= 0.95)
+
+    python benchmarks/compare_manager.py [--precision int4] [--streams 1 2 4 8 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+from tta_engine.artifact import artifact_dir, load_artifact
+from tta_engine.config import load_model_configs
+from tta_engine.manager import TransformersModelManager
+from tta_engine.runtime import open_artifact_lm
+
+WORLD = (
+    "World state: the traveller stands at the edge of the Whispering Forest at dusk. To the north lies the old "
+    "mill by the river, its wheel turning slowly; to the east a lantern-lit village where the baker, the "
+    "blacksmith and the herbalist live; to the south the misty marsh; to the west the mountains. The traveller "
+    "carries a lantern, a worn map, a flute and a small bag of bread. The mood is calm and gentle. "
+)
+
+
+def user(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Tell me a short calming story about place number {i}."}]
+
+
+async def concurrency(m: TransformersModelManager, name: str, streams: list[int], new_tokens: int) -> dict:
+    out = {}
+    await asyncio.gather(*[m.complete(user(i), name, max_tokens=8, temperature=0) for i in range(2)])  # warm-up
+    for n in streams:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*[m.complete(user(i), name, max_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                temperature=0) for i in range(n)])
+        dt = time.perf_counter() - t0
+        out[n] = sum(r["usage"]["completion_tokens"] for r in res) / dt
+        print(f"  {n:2d} streams: {out[n]:7.1f} tok/s aggregate", flush=True)
+    return out
+
+
+async def prefix_reuse(m: TransformersModelManager, name: str, repeats: int) -> dict:
+    tok = m.load_model(name)[1]
+    system = {"role": "system", "content": WORLD * 4}
+    print(f"  shared prefix: {len(tok.apply_chat_template([system], tokenize=True))} tokens", flush=True)
+    cold, warm = [], []
+    for r in range(repeats):
+        sys_r = {"role": "system", "content": f"Session {r}. " + system["content"]}  # a new prefix each time
+        turn1 = [sys_r, {"role": "user", "content": "I walk towards the mill."}]
+        first = await m.complete(turn1, name, max_tokens=16, temperature=0)
+        turn2 = turn1 + [{"role": "assistant", "content": first["text"]},
+                         {"role": "user", "content": "I open the door of the mill."}]
+        second = await m.complete(turn2, name, max_tokens=16, temperature=0)
+        cold.append(first["timings"]["time_to_first_token_s"])
+        warm.append(second["timings"]["time_to_first_token_s"])
+    return {"cold_ttft_s": statistics.median(cold), "second_turn_ttft_s": statistics.median(warm)}
+
+
+async def overhead(m: TransformersModelManager, lm, name: str, new_tokens: int, repeats: int) -> dict:
+    bare, managed = [], []
+    prompt = user(0)
+    for _ in range(repeats):  # alternate to spread machine noise over both
+        c = lm.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0)
+        bare.append(c["timings"]["decode_tokens_per_s"])
+        c = await m.complete(prompt, name, max_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0)
+        managed.append(c["timings"]["decode_tokens_per_s"])
+    return {"bare_tok_s": statistics.median(bare), "manager_tok_s": statistics.median(managed)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--precision", default="int4")
+    ap.add_argument("--artifacts", type=Path, default=None)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    cfgs = load_model_configs()
+    cfg = cfgs[args.model]
+    from dataclasses import replace
+
+    cfgs[args.model] = cfg = replace(cfg, precision=args.precision)
+    art = load_artifact(artifact_dir(args.artifacts, cfg.name, args.precision))
+    m = TransformersModelManager(cfgs, artifacts_root=args.artifacts)
+    lm = open_artifact_lm(art, cfg)
+
+    async def run() -> dict:
+        print(f"{cfg.name} {args.precision}: concurrency", flush=True)
+        conc = await concurrency(m, cfg.name, args.streams, args.new_tokens)
+        print("prefix reuse", flush=True)
+        pref = await prefix_reuse(m, cfg.name, args.repeats)
+        print("manager overhead", flush=True)
+        over = await overhead(m, lm, cfg.name, args.new_tokens * 2, args.repeats)
+        return {"concurrency_tok_s": conc, "prefix": pref, "overhead": over}
+
+    res = asyncio.run(run())
+    m.close()
+    lm.close()
+    conc, pref, over = res["concurrency_tok_s"], res["prefix"], res["overhead"]
+    base = conc[min(conc)]
+    ratios = {f"aggregate_{n}_streams_vs_1": conc[n] / base for n in conc}
+    ratios["second_turn_ttft_vs_cold"] = pref["second_turn_ttft_s"] / pref["cold_ttft_s"]
+    ratios["manager_vs_bare_tok_s"] = over["manager_tok_s"] / over["bare_tok_s"]
+    res["ratios"] = ratios
+    print("\n| ratio | value | target |\n|---|---|---|")
+    targets = {"aggregate_8_streams_vs_1": ">= 4", "second_turn_ttft_vs_cold": "<= 0.1", "manager_vs_bare_tok_s": ">= 0.95"}
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.3f} | {targets.get(k, '')} |")
+    print(f"\ncold TTFT {pref['cold_ttft_s'] * 1000:.0f} ms, second turn {pref['second_turn_ttft_s'] * 1000:.0f} ms; "
+          f"bare {over['bare_tok_s']:.1f} tok/s, manager {over['manager_tok_s']:.1f} tok/s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()
