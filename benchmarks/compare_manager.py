@@ -48,7 +48,7 @@ async def concurrency(m: TransformersModelManager, name: str, streams: list[int]
 
 async def prefix_reuse(m: TransformersModelManager, name: str, repeats: int) -> dict:
     tok = m.load_model(name)[1]
-    system = {"role": "system", "content": WORLD * 4}
+    system = {"role": "system", "content": WORLD * 5}
     print(f"  shared prefix: {len(tok.apply_chat_template([system], tokenize=True))} tokens", flush=True)
     cold, warm = [], []
     for r in range(repeats):

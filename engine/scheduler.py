@@ -88,9 +88,9 @@ class PrefixCache:
             self.hits += 1
             return best, self.entries[best_key]
 
-    def store(self, prompt: Sequence[int], big, row: int) -> None:
+    def store(self, prompt: Sequence[int], big, row: int | None) -> None:
         n = len(prompt)
-        if n < self.min_tokens or self.max_entries <= 0:
+        if row is None or n < self.min_tokens or self.max_entries <= 0:
             return
         keys = [k[row, :, :n].copy() for k in big.keys]
         values = [v[row, :, :n].copy() for v in big.values]
@@ -196,6 +196,11 @@ class BatchScheduler:
             row = len(self.active)
             self.active.append(req)
             logits = self._prefill_row(req, row)
+            req.state.t_prefill = time.perf_counter()
+            self._take(req, logits)  # the first token goes out before the prompt's KV is saved for reuse
+            if self.prefix is not None and not req.cancelled.is_set():
+                self.prefix.store(req.prompt_ids, self.big, row if req in self.active else None)
+            return
         else:
             req.cache = self.backend.new_cache(1, capacity=len(req.prompt_ids) + req.params.max_new_tokens)
             logits = self.backend.forward(req.cache, np.asarray([req.prompt_ids], dtype=np.int64))[0]
@@ -218,8 +223,6 @@ class BatchScheduler:
         view = _RowsView(self.big, row, row + 1)
         logits = self.backend.forward(view, np.asarray([prompt[reuse:]], dtype=np.int64))[0]
         self.big.lengths[row] = view.lengths[0]
-        if self.prefix is not None:
-            self.prefix.store(prompt, self.big, row)
         return logits
 
     def _step(self) -> None:
