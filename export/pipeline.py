@@ -170,6 +170,9 @@ def _export_decoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
                           "use --graph optimum (or auto)")
     fp32_path, graph, fp32_fig, fallback_reason = None, None, None, None
     if want_fused:
+        progress.stage("export", "Optimum export not needed: the fused builder covers this architecture "
+                                 "(Optimum's graph is the fallback)")
+        progress.done()
         progress.stage("optimize", "building the fused GroupQueryAttention graph")
         try:
             path = work / "fused.onnx"
