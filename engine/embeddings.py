@@ -120,7 +120,8 @@ class TorchEncoder:
 
         self.model = SentenceTransformer(str(model_dir), device=device)
         self.pooling, self.normalize, self.max_seq_length = read_pooling(model_dir)
-        self.dimension = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dimension = int(get_dim())
 
     def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
         texts = _check_texts(texts)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import logging
 import threading
@@ -160,7 +161,11 @@ def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None) -> Language
 
     resolved = resolve_source(cfg, cache_dir)
     tokenizer = load_tokenizer(cfg, resolved)
-    quant = cfg.quantization if cfg.backend == "torch" else None
+    quant = cfg.quantization
+    if quant and cfg.backend != "torch" and importlib.util.find_spec("bitsandbytes") is None:
+        log.warning("%s asks for %s quantization but bitsandbytes is not installed: the PyTorch fallback "
+                    "runs in fp32 (`pip install 'tta-engine[quant]'` to quantize it)", cfg.name, quant)
+        quant = None
     model = load_torch_causal_lm(cfg, resolved, quantization=quant)
     context = min(int(getattr(model.config, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30)
     backend = TorchDecoder(model, context)

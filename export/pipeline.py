@@ -236,7 +236,7 @@ def _export_encoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
     resolved = resolve_source(cfg, options.cache_dir)
     st = SentenceTransformer(str(resolved.directory), device="cpu")
     hf_model = st[0].auto_model.eval()
-    progress.done(f"{hf_model.config.model_type}, dim {st.get_sentence_embedding_dimension()}")
+    progress.done(f"{hf_model.config.model_type}, dim {_st_dim(st)}")
 
     progress.stage("export", "exporting with Optimum (feature-extraction)")
     stage_dir = work / "encoder"
@@ -292,11 +292,16 @@ def _export_encoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
         "kind": "embedding",
         "source": _source_manifest(cfg, resolved),
         "graph": graph,
-        "encoder": {"dimension": st.get_sentence_embedding_dimension(), "node_count": _node_count(out / "model.onnx")},
+        "encoder": {"dimension": _st_dim(st), "node_count": _node_count(out / "model.onnx")},
         "quantization": quant_meta,
         "opset": _opset(out / "model.onnx"),
         "validation": {"fp32_unfused": unfused_fig, "fp32_fused": fused_fig, options.precision: final_fig},
     }
+
+
+def _st_dim(st) -> int:
+    get = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+    return int(get())
 
 
 def _ort_fuse_encoder(src: Path, dst: Path, config) -> Path:

@@ -240,3 +240,26 @@ def test_int4_artifact_generates_through_same_api(lms):
     lm = lms("llama", "onnx", "int4")
     out = lm.generate(MSGS, temperature=0, max_new_tokens=8, min_new_tokens=8)
     assert out["usage"]["completion_tokens"] == 8 and lm.kind == "onnx"
+
+
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_torch_fallback_with_bitsandbytes(tiny_dirs, quant):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg("tiny-llama-bnb", tiny_dirs["llama"], backend="torch", quantization=quant)
+    lm = open_torch_lm(cfg)
+    fp32 = open_torch_lm(tiny_cfg("tiny-llama-fp32", tiny_dirs["llama"], backend="torch"))
+    linear = lm.backend.model.model.layers[0].mlp.up_proj
+    assert isinstance(linear, bnb.nn.Linear8bitLt if quant == "8bit" else bnb.nn.Linear4bit)
+    out = lm.generate(MSGS, temperature=0, max_new_tokens=8, min_new_tokens=8)
+    assert out["usage"]["completion_tokens"] == 8 and lm.kind == "torch"
+    # same API, same streaming; the quantized logits stay close to fp32
+    assert "".join(lm.stream(MSGS, temperature=0, max_new_tokens=8, min_new_tokens=8)) == out["text"]
+    ids = np.array([lm.encode_prompt(MSGS)])
+    p, q = (b.backend.forward(b.backend.new_cache(1), ids)[0] for b in (fp32, lm))
+    lp = p - np.log(np.exp(p - p.max()).sum()) - p.max()
+    lq = q - np.log(np.exp(q - q.max()).sum()) - q.max()
+    assert float((np.exp(lp) * (lp - lq)).sum()) < (0.01 if quant == "8bit" else 0.1)
