@@ -246,7 +246,6 @@ def test_int4_artifact_generates_through_same_api(lms):
 def test_torch_fallback_with_bitsandbytes(tiny_dirs, quant):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
-
     from conftest import tiny_cfg
 
     cfg = tiny_cfg("tiny-llama-bnb", tiny_dirs["llama"], backend="torch", quantization=quant)
