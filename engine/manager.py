@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-import inspect
 import logging
 import threading
 import time
@@ -282,14 +281,9 @@ class TransformersModelManager:
     async def generate_streaming(self, prompt, model_name: str, callback: Callable[[str], Any] | None,
                                  **kwargs) -> str:
         """Stream deltas to ``callback`` (sync or async) and return the full text."""
-        parts = []
-        async for delta in self.astream(prompt, model_name, **kwargs):
-            parts.append(delta)
-            if callback is not None:
-                res = callback(delta)
-                if inspect.isawaitable(res):
-                    await res
-        return "".join(parts)
+        from .runtime import deliver_to_callback
+
+        return await deliver_to_callback(self.astream(prompt, model_name, **kwargs), callback)
 
     async def chat(self, messages, model_name: str, **kwargs) -> str:
         """Messages ({role, content} dicts or Message objects) rendered with the model's chat template."""

@@ -118,19 +118,24 @@ class LanguageModel:
     async def generate_streaming(self, prompt: str | Messages, callback: Callable[[str], Any] | None,
                                  **kwargs) -> str:
         """The design note's form: ``callback(delta)`` for each delta (sync or async); returns the text."""
-        parts = []
-        async for delta in self.astream(prompt, **kwargs):
-            parts.append(delta)
-            if callback is not None:
-                res = callback(delta)
-                if inspect.isawaitable(res):
-                    await res
-        return "".join(parts)
+        return await deliver_to_callback(self.astream(prompt, **kwargs), callback)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         if hasattr(self.backend, "close"):
             self.backend.close()
+
+
+async def deliver_to_callback(deltas: AsyncIterator[str], callback: Callable[[str], Any] | None) -> str:
+    """Call ``callback(delta)`` (awaiting it if it is async) for each delta; return the whole text."""
+    parts = []
+    async for delta in deltas:
+        parts.append(delta)
+        if callback is not None:
+            res = callback(delta)
+            if inspect.isawaitable(res):
+                await res
+    return "".join(parts)
 
 
 def _defaults(cfg: ModelConfig | None) -> SamplingParams:
