@@ -24,13 +24,13 @@ def _cfg(args, name: str):
 
 
 def cmd_export(args) -> int:
-    from .export.pipeline import ExportOptions, export_model
+    from .export.pipeline import ExportOptions, export_models
 
     cfg = _cfg(args, args.name)
-    precisions = args.precision or [cfg.precision]
-    for precision in precisions:
-        art = export_model(cfg, ExportOptions(precision=precision, out_root=args.out, graph=args.graph,
-                                              block_size=args.block_size, cache_dir=args.cache_dir))
+    precisions = list(dict.fromkeys(args.precision or [cfg.precision]))
+    options = ExportOptions(out_root=args.out, graph=args.graph, block_size=args.block_size, cache_dir=args.cache_dir)
+    for art in export_models(cfg, precisions, options):
+        precision = art.precision
         val = art.manifest["validation"][precision]
         print(f"exported {cfg.name} ({precision}, {art.manifest['graph']} graph) -> {art.path}  "
               f"[{art.size_bytes / 1e6:.1f} MB]")

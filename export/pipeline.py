@@ -106,31 +106,46 @@ def _source_manifest(cfg: ModelConfig, resolved: ResolvedSource) -> dict[str, An
 
 def export_model(cfg: ModelConfig, options: ExportOptions = ExportOptions(), *, quiet: bool = False) -> Artifact:
     """Export ``cfg`` at ``options.precision``; returns the published, verified artifact."""
-    if options.precision not in ("fp32", "int8", "int4"):
-        raise ExportError(f"precision {options.precision!r} is not one of fp32, int8, int4")
-    final = artifact_dir(options.out_root, cfg.name, options.precision)
-    progress = Progress(f"{cfg.name} ({options.precision})", quiet=quiet)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".work-", dir=final.parent) as work_str, staged_artifact(final) as out:
-        work = Path(work_str)
-        exporter = _export_encoder if cfg.is_embedding else _export_decoder
-        manifest = exporter(cfg, options, progress, work, out)
-        progress.stage("write", f"writing artifact to {final}")
-        manifest.update({
-            "model": {"name": cfg.name, "model_id": cfg.model_id, "config_file": cfg.file},
-            "precision": options.precision,
-            "versions": _versions(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "export_seconds": round(time.perf_counter() - progress.t0, 1),
-        })
-        manifest = write_manifest(out, manifest)
-        progress.done(f"{sum(f['size'] for f in manifest['files'].values()) / 1e6:.1f} MB")
-    return load_artifact(final)
+    return export_models(cfg, [options.precision], options, quiet=quiet)[0]
+
+
+def export_models(cfg: ModelConfig, precisions: list[str], options: ExportOptions = ExportOptions(), *,
+                  quiet: bool = False) -> list[Artifact]:
+    """Export ``cfg`` at each precision. The source is loaded, exported, fused and validated at fp32 once;
+    each precision is then quantized, validated and published atomically on its own."""
+    bad = [p for p in precisions if p not in ("fp32", "int8", "int4")]
+    if bad or not precisions:
+        raise ExportError(f"precision {bad[0] if bad else None!r} is not one of fp32, int8, int4")
+    root = artifact_dir(options.out_root, cfg.name, precisions[0]).parent
+    root.mkdir(parents=True, exist_ok=True)
+    progress = Progress(f"{cfg.name} ({', '.join(precisions)})", quiet=quiet)
+    artifacts = []
+    with tempfile.TemporaryDirectory(prefix=".work-", dir=root) as work_str:
+        prepare = _prepare_encoder if cfg.is_embedding else _prepare_decoder
+        finish = prepare(cfg, options, progress, Path(work_str))
+        for precision in precisions:
+            final = artifact_dir(options.out_root, cfg.name, precision)
+            progress.name = f"{cfg.name} ({precision})"
+            with staged_artifact(final) as out:
+                manifest = finish(precision, out)
+                progress.stage("write", f"writing artifact to {final}")
+                manifest.update({
+                    "model": {"name": cfg.name, "model_id": cfg.model_id, "config_file": cfg.file},
+                    "precision": precision,
+                    "versions": _versions(),
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "export_seconds": round(time.perf_counter() - progress.t0, 1),
+                })
+                manifest = write_manifest(out, manifest)
+                progress.done(f"{sum(f['size'] for f in manifest['files'].values()) / 1e6:.1f} MB")
+            artifacts.append(load_artifact(final))
+    return artifacts
 
 
 # --- decoders -----------------------------------------------------------------------------------------
 
-def _export_decoder(cfg, options, progress, work: Path, out: Path) -> dict[str, Any]:
+def _prepare_decoder(cfg, options, progress, work: Path):
+    """Stages 1-3 (+ fp32 validation) once; returns ``finish(precision, out_dir) -> manifest``."""
     from tta_engine.ort_decoder import OrtDecoder
 
     progress.stage("load", f"loading {cfg.source.describe()} in PyTorch")
@@ -199,36 +214,40 @@ def _export_decoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
         if not fp32_fig["greedy_exact"]:
             raise ExportError(f"{cfg.name}: the fp32 ONNX graph does not reproduce PyTorch's greedy tokens: {fp32_fig}")
     meta["graph"] = graph
+    source = _source_manifest(cfg, resolved)
 
-    final_path, final_fig, quant_meta = fp32_path, fp32_fig, {"method": None}
-    if options.precision != "fp32":
-        progress.stage("quantize", f"quantizing to {options.precision}")
-        final_path = work / f"model_{options.precision}.onnx"
-        quant_meta = quantize(fp32_path, final_path, options.precision, block_size=options.block_size)
-        progress.done(", ".join(f"{k}={v}" for k, v in quant_meta.items() if k != "method"))
-        progress.stage("validate", f"validating {options.precision} against PyTorch")
-        final_fig = check(final_path, graph)
-        progress.done(f"top-1 {final_fig['top1_agreement']:.3f}, KL {final_fig['mean_kl_divergence']:.4g}, "
-                      f"greedy {final_fig['greedy_agreement']:.3f}")
-    meta["node_count"] = _node_count(final_path)
-    _copy_onnx(final_path, out / "model.onnx")
-    tokenizer.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    model.config.save_pretrained(out)
-    return {
-        "kind": "causal_lm",
-        "source": _source_manifest(cfg, resolved),
-        "graph": graph,
-        "decoder": meta,
-        "quantization": quant_meta,
-        "opset": _opset(out / "model.onnx"),
-        "validation": {"fp32": fp32_fig, options.precision: final_fig, "fallback_reason": fallback_reason},
-    }
+    def finish(precision: str, out: Path) -> dict[str, Any]:
+        final_path, final_fig, quant_meta = fp32_path, fp32_fig, {"method": None}
+        if precision != "fp32":
+            progress.stage("quantize", f"quantizing to {precision}")
+            final_path = work / f"model_{precision}.onnx"
+            quant_meta = quantize(fp32_path, final_path, precision, block_size=options.block_size)
+            progress.done(", ".join(f"{k}={v}" for k, v in quant_meta.items() if k != "method"))
+            progress.stage("validate", f"validating {precision} against PyTorch")
+            final_fig = check(final_path, graph)
+            progress.done(f"top-1 {final_fig['top1_agreement']:.3f}, KL {final_fig['mean_kl_divergence']:.4g}, "
+                          f"greedy {final_fig['greedy_agreement']:.3f}")
+        _copy_onnx(final_path, out / "model.onnx")
+        tokenizer.save_pretrained(out)
+        model.generation_config.save_pretrained(out)
+        model.config.save_pretrained(out)
+        return {
+            "kind": "causal_lm",
+            "source": source,
+            "graph": graph,
+            "decoder": dict(meta, node_count=_node_count(final_path)),
+            "quantization": quant_meta,
+            "opset": _opset(out / "model.onnx"),
+            "validation": {"fp32": fp32_fig, precision: final_fig, "fallback_reason": fallback_reason},
+        }
+
+    return finish
 
 
 # --- encoders -----------------------------------------------------------------------------------------
 
-def _export_encoder(cfg, options, progress, work: Path, out: Path) -> dict[str, Any]:
+def _prepare_encoder(cfg, options, progress, work: Path):
+    """Load, export and fuse once; returns ``finish(precision, out_dir) -> manifest``."""
     from sentence_transformers import SentenceTransformer
     from tta_engine.embeddings import OrtEncoder
 
@@ -271,32 +290,37 @@ def _export_encoder(cfg, options, progress, work: Path, out: Path) -> dict[str, 
         progress.done(f"{_node_count(raw)} -> {_node_count(fused)} nodes, min cosine {fused_fig['min_cosine']}")
     except Exception as exc:  # noqa: BLE001 - fusion is an optimization; the unfused graph stays valid
         progress.done(f"fusion not applied ({type(exc).__name__}: {exc}); keeping the unfused graph")
-    final, final_fig = chosen, fused_fig if chosen is not raw else unfused_fig
-    quant_meta = {"method": None}
-    if options.precision != "fp32":
-        progress.stage("quantize", f"quantizing to {options.precision}")
-        final = stage_dir / f"model_{options.precision}.onnx"
-        quant_meta = quantize(chosen, final, options.precision, block_size=options.block_size)
-        progress.done()
-        progress.stage("validate", f"validating {options.precision} against sentence-transformers")
-        final_fig = check(final.name)
-        progress.done(f"min cosine {final_fig['min_cosine']}")
-    elif final_fig["min_cosine"] < 0.9999:
+    fp32_fig = fused_fig if chosen is not raw else unfused_fig
+    if fp32_fig["min_cosine"] < 0.9999:
         raise ExportError(f"{cfg.name}: fp32 encoder cosine vs sentence-transformers is "
-                          f"{final_fig['min_cosine']} < 0.9999")
-    _copy_onnx(final, out / "model.onnx")
-    for p in stage_dir.iterdir():
-        if p.suffix != ".onnx" and not p.name.endswith(".onnx.data"):
-            (shutil.copytree if p.is_dir() else shutil.copy2)(p, out / p.name)
-    return {
-        "kind": "embedding",
-        "source": _source_manifest(cfg, resolved),
-        "graph": graph,
-        "encoder": {"dimension": _st_dim(st), "node_count": _node_count(out / "model.onnx")},
-        "quantization": quant_meta,
-        "opset": _opset(out / "model.onnx"),
-        "validation": {"fp32_unfused": unfused_fig, "fp32_fused": fused_fig, options.precision: final_fig},
-    }
+                          f"{fp32_fig['min_cosine']} < 0.9999")
+    source = _source_manifest(cfg, resolved)
+
+    def finish(precision: str, out: Path) -> dict[str, Any]:
+        final, final_fig, quant_meta = chosen, fp32_fig, {"method": None}
+        if precision != "fp32":
+            progress.stage("quantize", f"quantizing to {precision}")
+            final = stage_dir / f"model_{precision}.onnx"
+            quant_meta = quantize(chosen, final, precision, block_size=options.block_size)
+            progress.done()
+            progress.stage("validate", f"validating {precision} against sentence-transformers")
+            final_fig = check(final.name)
+            progress.done(f"min cosine {final_fig['min_cosine']}")
+        _copy_onnx(final, out / "model.onnx")
+        for p in stage_dir.iterdir():
+            if p.suffix != ".onnx" and not p.name.endswith(".onnx.data"):
+                (shutil.copytree if p.is_dir() else shutil.copy2)(p, out / p.name)
+        return {
+            "kind": "embedding",
+            "source": source,
+            "graph": graph,
+            "encoder": {"dimension": _st_dim(st), "node_count": _node_count(out / "model.onnx")},
+            "quantization": quant_meta,
+            "opset": _opset(out / "model.onnx"),
+            "validation": {"fp32_unfused": unfused_fig, "fp32_fused": fused_fig, precision: final_fig},
+        }
+
+    return finish
 
 
 def _st_dim(st) -> int:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from tta_engine.config import load_model_configs
-from tta_engine.export.pipeline import ExportOptions, export_model
+from tta_engine.export.pipeline import ExportOptions, export_model, export_models
 
 pytestmark = pytest.mark.e2e
 LM, EMB = "smollm2-135m-instruct", "all-minilm-l6-v2"
@@ -21,7 +21,8 @@ LM, EMB = "smollm2-135m-instruct", "all-minilm-l6-v2"
 def real(tmp_path_factory):
     root = tmp_path_factory.mktemp("real-artifacts")
     cfgs = load_model_configs()
-    arts = {(LM, p): export_model(cfgs[LM], ExportOptions(precision=p, out_root=root)) for p in ("int4", "int8")}
+    lm_arts = export_models(cfgs[LM], ["int4", "int8"], ExportOptions(out_root=root))
+    arts = {(LM, a.precision): a for a in lm_arts}
     arts[(EMB, "fp32")] = export_model(cfgs[EMB], ExportOptions(precision="fp32", out_root=root))
     return root, cfgs, arts
 
