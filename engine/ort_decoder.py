@@ -82,7 +82,8 @@ class FusedKVCache:
 
     def close(self) -> None:
         self.keys, self.values = [], []
-        self._io = self._io_key = None
+        self.__dict__.pop("_io", None)
+        self.__dict__.pop("_io_buffers", None)
 
 
 class OptimumKVCache:
@@ -124,6 +125,16 @@ class OrtDecoder:
     def __init__(self, model_path: Path, decoder_meta: dict[str, Any], *, threads: int | None = None,
                  device: str = "auto"):
         self.session = create_session(model_path, threads=threads, device=device)
+        # Optional second graph for prompts (same IO and KV layout, other kernels: e.g. int8 on AMX/VNNI
+        # prefills several times faster than int4 MatMulNBits, while int4 decodes faster).
+        prefill = decoder_meta.get("prefill")
+        self.prefill_session = None
+        self.prefill_min_tokens = 1 << 30
+        if prefill and decoder_meta["graph"] == "fused":
+            self.prefill_session = create_session(Path(model_path).parent / prefill["file"], threads=threads,
+                                                  device=device)
+            self.prefill_min_tokens = int(prefill.get("min_tokens", 16))
+        self.last_logits = bool(decoder_meta.get("fused", {}).get("last_position_logits", False))
         self.meta = decoder_meta
         self.layout = decoder_meta["graph"]
         self.context_length = int(decoder_meta["context_length"])
@@ -164,30 +175,43 @@ class OrtDecoder:
 
     def _forward_fused(self, cache: FusedKVCache, ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         cache.ensure_capacity(int(new_lengths.max()))
-        io = self._kv_binding(cache)
+        session = self.prefill_session if ids.shape[1] >= self.prefill_min_tokens else self.session
+        io, logits = self._kv_binding(cache, session)
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("seqlens_k", (new_lengths - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(new_lengths.max(), dtype=np.int32))
-        self.session.run_with_iobinding(io)
-        # the binding (and so its logits buffer) is reused by the next step: hand out a copy
-        return np.array(io.get_outputs()[0].numpy(), copy=True)
+        session.run_with_iobinding(io)
+        if logits is None:
+            logits = io.get_outputs()[0].numpy()
+        # the binding (and its logits buffer) is reused by the next step: hand out a copy
+        return np.array(logits, copy=True)
 
-    def _kv_binding(self, cache):
-        """An IO binding with every layer's K/V buffer bound as past and present (shared, in place).
-        Kept on the cache and rebuilt only when its buffers move (growth), saving ~120 binds a step."""
-        key = (cache.keys[0].ctypes.data, cache.keys[0].shape) if cache.keys else None
-        if getattr(cache, "_io_key", None) == key:
-            return cache._io
-        io = self.session.io_binding()
-        io.bind_output("logits", "cpu")  # first, so that get_outputs()[0] is the logits
+    def _kv_binding(self, cache, session):
+        """An IO binding with every layer's K/V buffer bound as past and present (shared, in place), and
+        the logits bound to a preallocated buffer when the graph emits the last position only. Kept on
+        the cache per session and rebuilt only when the buffers move (growth): ~120 binds saved a step."""
+        buffers = (cache.keys[0].ctypes.data, cache.keys[0].shape)
+        if cache.__dict__.get("_io_buffers") != buffers:  # new cache, or its buffers moved (growth)
+            cache._io, cache._io_buffers = {}, buffers
+        bindings = cache._io
+        key = id(session)
+        if key in bindings:
+            return bindings[key]
+        io = session.io_binding()
+        logits = None
+        if self.last_logits:
+            logits = np.empty((cache.keys[0].shape[0], 1, self.vocab_size), dtype=np.float32)
+            io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        else:
+            io.bind_output("logits", "cpu")  # first, so that get_outputs()[0] is the logits
         shape = cache.keys[0].shape
         for i in range(self.num_layers):
             for kind, buf in (("key", cache.keys[i]), ("value", cache.values[i])):
                 ptr = buf.ctypes.data
                 io.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
                 io.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
-        cache._io, cache._io_key = io, key
-        return io
+        bindings[key] = (io, logits)
+        return io, logits
 
     def _forward_optimum(self, cache: OptimumKVCache, ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         batch, seq = ids.shape
@@ -211,7 +235,7 @@ class OrtDecoder:
         return outs[0].numpy()
 
     def close(self) -> None:
-        self.session = None
+        self.session = self.prefill_session = None
 
 
 def _layer_order(name: str) -> tuple[int, str]:

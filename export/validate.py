@@ -69,14 +69,17 @@ def torch_reference(model, prompts: list[list[int]], greedy_steps: int) -> list[
 
 
 def onnx_run(decoder, ids: list[int], greedy_steps: int) -> tuple[np.ndarray, list[int]]:
-    """Teacher-forced logits one token at a time through the KV cache, then greedy continuation."""
+    """Teacher-forced logits, one token at a time through the KV cache (the decode path), and greedy
+    tokens the way the runtime produces them: the whole prompt prefilled at once, then decode steps."""
     cache = decoder.new_cache(1, capacity=len(ids) + greedy_steps + 1)
-    rows = [decoder.forward(cache, np.array([[t]]))[0] for t in ids]
-    tokens, nxt = [], int(rows[-1].argmax())
+    rows = np.stack([decoder.forward(cache, np.array([[t]]))[0] for t in ids])
+    cache = decoder.new_cache(1, capacity=len(ids) + greedy_steps + 1)
+    nxt = int(decoder.forward(cache, np.array([ids]))[0].argmax())
+    tokens = []
     for _ in range(greedy_steps):
         tokens.append(nxt)
         nxt = int(decoder.forward(cache, np.array([[nxt]]))[0].argmax())
-    return np.stack(rows), tokens
+    return rows, tokens
 
 
 def compare_decoder(refs: list[dict], decoder, prompts: list[list[int]], greedy_steps: int) -> dict:

@@ -203,3 +203,21 @@ def test_cli_export_prints_validation(tiny_dirs, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tta_engine.cli", "export", "nope", "--config", str(cfg_file)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
+
+
+def test_int4_artifact_prefills_with_its_int8_graph(artifacts):
+    art = artifacts.get("tiny-llama", "int4")
+    pre = art.manifest["decoder"]["prefill"]
+    assert pre["precision"] == "int8" and pre["file"] in art.manifest["files"]
+    dec = OrtDecoder(art.file("model.onnx"), art.manifest["decoder"])
+    calls = []
+    for label, sess in (("prefill", dec.prefill_session), ("decode", dec.session)):
+        real = sess.run_with_iobinding
+        sess.run_with_iobinding = lambda io, _r=real, _l=label: (calls.append(_l), _r(io))[1]
+    cache = dec.new_cache(1, 64)
+    dec.forward(cache, np.arange(3, 3 + pre["min_tokens"])[None])
+    dec.forward(cache, np.array([[5]]))
+    dec.forward(cache, np.arange(3, 3 + pre["min_tokens"] - 1)[None])  # a short chunk stays on int4
+    assert calls == ["prefill", "decode", "decode"]
+    assert int(cache.lengths[0]) == 2 * pre["min_tokens"]
+    assert artifacts.get("tiny-llama", "int8").manifest["decoder"].get("prefill") is None
