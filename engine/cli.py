@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm", default="smollm2-135m-instruct")
     p.add_argument("--embedder", default="all-minilm-l6-v2")
     p.set_defaults(func=cmd_demo)
+
+    from .bench import add_bench_parser  # stdlib-only at import time
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""The benchmark suite itself (engine/bench/), on the tiny random models: ratio arithmetic, a model
+compared with itself, optional engines that are absent, and the files a quick run writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from tta_engine import bench
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# -- pure statistics ------------------------------------------------------------------------------------
+
+def test_median_ratio_and_summary():
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    assert bench.median([]) is None
+    assert bench.ratio([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == 1.0
+    assert bench.ratio([4.0], [2.0]) == 2.0
+    assert bench.ratio([1.0], []) is None and bench.ratio([1.0], [0.0]) is None
+    s = bench.summarize([1.0, 5.0, 3.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (3.0, 1.0, 5.0, 3)
+    assert bench.interleaved_halves([1, 2, 3, 4, 5]) == ([1, 3, 5], [2, 4])
+
+
+def test_target_ratios_from_samples():
+    decode = {"tta-int4": {"decode_tok_s": [300.0, 310.0, 290.0], "ttft_s": [0.1, 0.1, 0.1]},
+              "optimum-int8": {"decode_tok_s": [100.0, 100.0], "ttft_s": [0.2, 0.2]},
+              "torch-fp32": {"decode_tok_s": {"median": 60.0, "samples": [60.0]}}}
+    rows = {r["name"]: r for r in bench.target_ratios(decode, None)}
+    assert all(r["name"].startswith(("decode", "TTFT")) for r in rows.values())  # no embedding rows
+    r = rows["decode tok/s: tta int4 ÷ Optimum int8"]
+    assert r["value"] == pytest.approx(3.0) and r["ok"] is True
+    r = rows["decode tok/s: tta int4 ÷ PyTorch fp32"]
+    assert r["value"] == pytest.approx(300 / 60) and r["ok"] is False
+    assert rows["TTFT: tta int4 ÷ Optimum int8"]["value"] == pytest.approx(0.5)
+    assert rows["decode tok/s: tta int4 ÷ llama.cpp (GGUF)"]["value"] is None  # not measured: no verdict
+    assert rows["decode tok/s: tta int4 ÷ llama.cpp (GGUF)"]["ok"] is None
+    emb = bench.target_ratios(None, {"tta-fp32": {"sentences_s": [240.0], "min_cosine": 0.99999},
+                                     "st-onnx": {"sentences_s": [200.0]}})
+    emb = {r["name"]: r for r in emb}
+    assert emb["sentences/s: tta fp32 ÷ sentence-transformers ONNX"]["value"] == pytest.approx(1.2)
+    assert emb["cosine vs sentence-transformers: tta fp32 (min)"]["ok"] is True
+
+
+def test_fidelity_from_logits_identical_and_different():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(5, 11)), rng.normal(size=(3, 11))]
+    same = bench.fidelity_from_logits(ref, ref)
+    assert same["top1_agreement"] == 1.0 and abs(same["mean_kl_divergence"]) < 1e-9 and same["positions"] == 8
+    other = bench.fidelity_from_logits(ref, [-r for r in ref])
+    assert other["top1_agreement"] < 0.5 and other["mean_kl_divergence"] > 0.1
+    assert bench.common_prefix_fraction([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
+
+
+# -- a model compared with itself ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lm_pair(artifacts):
+    art = artifacts.get("tiny-llama", "fp32")
+    spec = {"engine": "tta", "path": str(art.path), "precision": "fp32"}
+    a, b = bench.make_lm_engine({**spec, "key": "a"}), bench.make_lm_engine({**spec, "key": "b"})
+    a.load()
+    b.load()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_model_against_itself_gives_ratios_near_one(tiny_lm_pair):
+    a, b = tiny_lm_pair
+    ids = bench.chat_prompt_ids(a.lm.tokenizer, 64)
+    samples = bench.measure_decode([a, b], ids, 48, reps=7, warmup_tokens=4, pause_s=0.0, log=_quiet)
+    assert [len(samples[k]) for k in ("a", "b")] == [7, 7]
+    assert samples["a"][0].token_ids == samples["b"][0].token_ids  # same weights, greedy: same tokens
+    assert samples["a"][0].n_tokens == 48  # min_new_tokens: EOS never ends a run early
+    # The same engine under the names the targets use: every ratio is timing noise around 1.
+    def metrics(key):
+        return {"decode_tok_s": [s.decode_tok_s for s in samples[key]], "ttft_s": [s.ttft_s for s in samples[key]]}
+    decode = {"tta-int4": metrics("a"), "optimum-int8": metrics("b"), "torch-fp32": metrics("b")}
+    rows = [r for r in bench.target_ratios(decode, None) if r["value"] is not None]
+    assert len(rows) >= 3
+    for r in rows:
+        assert 0.5 <= r["value"] <= 2.0, r
+    # and the two interleaved halves of one engine's own samples
+    first, second = bench.interleaved_halves([s.decode_tok_s for s in samples["a"] + samples["b"]])
+    assert 0.5 <= bench.ratio(first, second) <= 2.0
+
+
+def test_context_sweep_and_embedding_self_comparison(tiny_lm_pair, artifacts):
+    a, _ = tiny_lm_pair
+    ctx = bench.measure_context([a], a.lm.tokenizer, [16, 32], 6, 1, pause_s=0.0, log=_quiet)
+    assert set(ctx["a"]) == {"16", "32"} and ctx["a"]["32"]["prefill_tok_s"] > 0
+    art = artifacts.get("tiny-bert", "fp32")
+    spec = {"engine": "tta", "path": str(art.path)}
+    e1, e2 = bench.make_emb_engine({**spec, "key": "tta-fp32"}), bench.make_emb_engine({**spec, "key": "st-onnx"})
+    e1.load()
+    e2.load()
+    res = bench.measure_embed([e1, e2], bench.embedding_corpus(64), 16, 3, 5, reference_key="st-onnx",
+                              pause_s=0.0, log=_quiet)
+    assert res["tta-fp32"]["min_cosine"] > 0.99999
+    row = {r["name"]: r for r in bench.target_ratios(None, res)}["sentences/s: tta fp32 ÷ sentence-transformers ONNX"]
+    assert 0.5 <= row["value"] <= 2.0
+
+
+# -- optional engines -------------------------------------------------------------------------------------
+
+def test_absent_optional_engine_is_skipped_with_install_hint(monkeypatch, tiny_configs, tmp_path):
+    monkeypatch.setitem(bench.OPTIONAL_ENGINES, "onnxruntime-genai",
+                        ("tta_no_such_module_genai", "pip install onnxruntime-genai"))
+    monkeypatch.setitem(bench.OPTIONAL_ENGINES, "llama.cpp", ("tta_no_such_module_llama", "pip install llama-cpp-python"))
+    monkeypatch.setitem(bench.OPTIONAL_ENGINES, "bitsandbytes", ("tta_no_such_module_bnb", "pip install bitsandbytes"))
+    assert bench.optional_available("llama.cpp") == (False, "pip install llama-cpp-python")
+    specs, skipped, _ = bench.lm_engine_specs(
+        tiny_configs["tiny-llama"], tmp_path / "no-artifacts", tmp_path / "cache",
+        only=["llama.cpp", "onnxruntime-genai", "torch-bnb-8bit"], log=_quiet)
+    assert specs == []
+    reasons = {s["engine"]: s["reason"] for s in skipped}
+    assert "pip install llama-cpp-python" in reasons["llama.cpp"]
+    assert "pip install onnxruntime-genai" in reasons["onnxruntime-genai"]
+    assert "pip install bitsandbytes" in reasons["torch-bnb-8bit"]
+
+
+def test_engine_whose_module_is_missing_at_load_is_skipped(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    skipped: list = []
+    got = bench.load_engines([{"engine": "llama.cpp", "key": "llama.cpp", "path": "/nonexistent.gguf"}],
+                             bench.make_lm_engine, "m", skipped, log=_quiet)
+    assert got == []
+    assert skipped and "pip install llama-cpp-python" in skipped[0]["reason"]
+
+
+# -- the whole suite in quick mode ------------------------------------------------------------------------
+
+def test_quick_run_writes_markdown_json_and_plots(artifacts, tiny_configs, tmp_path):
+    for p in ("fp32", "int8"):
+        artifacts.get("tiny-llama", p)
+    artifacts.get("tiny-bert", "fp32")
+    settings = bench.BenchSettings.quick(prompt_tokens=48, new_tokens=12, reps=2, warmup_tokens=2, pause_s=0.0,
+                                         context_lengths=(16, 32), context_new_tokens=6, streams=(1, 2),
+                                         stream_new_tokens=6, overhead_reps=1, emb_sentences=24, emb_reps=1,
+                                         emb_single_reps=2, greedy_steps=4)
+    out = tmp_path / "bench"
+    results = bench.run_bench([tiny_configs["tiny-llama"], tiny_configs["tiny-bert"]], out, quick=True,
+                              settings=settings, artifacts_root=artifacts.root / "auto",
+                              engines=["tta", "torch-fp32", "optimum-fp32", "st-torch", "llama.cpp"], log=_quiet)
+    for name in ("results.md", "results.json", "context.png", "concurrency.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "context.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / "results.json").read_text())
+    lm = data["models"]["tiny-llama"]
+    assert {"tta-fp32", "tta-int8", "torch-fp32", "optimum-fp32"} <= set(lm["engines"])
+    assert lm["engines"]["tta-fp32"]["decode_tok_s"]["median"] > 0
+    assert lm["engines"]["tta-fp32"]["fidelity"]["top1_agreement"] > 0.9
+    assert set(lm["context"]["tta-fp32"]) == {"16", "32"}
+    assert "streams" in lm["concurrency"] or "skipped" in lm["concurrency"]
+    assert data["models"]["tiny-bert"]["engines"]["tta-fp32"]["min_cosine"] > 0.9999
+    engines_skipped = {s["engine"] for s in data["skipped"]}
+    assert "tta-int4" in engines_skipped  # not exported here: a skip line, not an error
+    md = (out / "results.md").read_text()
+    assert "Machine:" in md and "tiny-llama" in md and "| engine |" in md
+    assert results["models"]["tiny-llama"]["targets"]
