@@ -187,7 +187,7 @@ class TransformersModelManager:
         name = self.resolve_name(model_name)
         with self._lock:
             self._unload_locked(name)
-        gc.collect()
+        _release_memory()
 
     def _unload_locked(self, name: str) -> None:
         entry = self._loaded.pop(name, None)
@@ -204,7 +204,7 @@ class TransformersModelManager:
         with self._lock:
             for name in list(self._loaded):
                 self._unload_locked(name)
-        gc.collect()
+        _release_memory()
 
     # -- generation ---------------------------------------------------------------------------------
     async def _entry(self, model_name: str) -> _Loaded:
@@ -337,6 +337,18 @@ class TransformersModelManager:
                         d.update(prefix_cache_hits=p.hits, prefix_cache_misses=p.misses)
                 out[name] = d
         return out
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, so RSS
+    would not drop after an unload)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _encoder_size(enc) -> int:
