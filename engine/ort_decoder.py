@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ContextLengthError
+from .errors import context_exceeded
 from .ort_session import create_session
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -52,10 +52,7 @@ class FusedKVCache:
         if needed <= self.capacity:
             return
         if needed > self.max_capacity:
-            raise ContextLengthError(
-                f"{needed} tokens exceed the context of {self.max_capacity} tokens; "
-                "shorten the prompt or lower max_new_tokens."
-            )
+            raise context_exceeded(needed, self.max_capacity)
         new_cap = min(self.max_capacity, max(needed, 2 * self.capacity))
         for bufs in (self.keys, self.values):
             for i, old in enumerate(bufs):
@@ -63,22 +60,6 @@ class FusedKVCache:
                 new[:, :, : self.capacity] = old
                 bufs[i] = new
         self.capacity = new_cap
-
-    def rewind(self, length: int, row: int | None = None) -> None:
-        rows = slice(None) if row is None else row
-        self.lengths[rows] = np.minimum(self.lengths[rows], length)
-
-    def copy_row_from(self, row: int, other: FusedKVCache, other_row: int, length: int) -> None:
-        """Copy the first ``length`` positions of ``other``'s row into this cache's ``row``."""
-        self.ensure_capacity(length)
-        for dst, src in ((self.keys, other.keys), (self.values, other.values)):
-            for i in range(self.num_layers):
-                dst[i][row, :, :length] = src[i][other_row, :, :length]
-        self.lengths[row] = length
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.keys) + sum(b.nbytes for b in self.values)
 
     def close(self) -> None:
         self.keys, self.values = [], []
@@ -100,20 +81,6 @@ class OptimumKVCache:
     @property
     def batch(self) -> int:
         return len(self.lengths)
-
-    def rewind(self, length: int, row: int | None = None) -> None:
-        import onnxruntime as ort
-
-        if row is not None and self.batch > 1:
-            raise NotImplementedError("per-row rewind needs the fused graph layout")
-        for name, val in self.past.items():
-            arr = val.numpy()[:, :, :length]
-            self.past[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
-        self.lengths[:] = np.minimum(self.lengths, length)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.prod(v.shape())) * 4 for v in self.past.values())
 
     def close(self) -> None:
         self.past = {}
@@ -162,10 +129,7 @@ class OrtDecoder:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         new_lengths = cache.lengths + input_ids.shape[1]
         if int(new_lengths.max()) > self.context_length:
-            raise ContextLengthError(
-                f"{int(new_lengths.max())} tokens exceed the context of {self.context_length} tokens; "
-                "shorten the prompt or lower max_new_tokens."
-            )
+            raise context_exceeded(int(new_lengths.max()), self.context_length)
         if self.layout == "fused":
             logits = self._forward_fused(cache, input_ids, new_lengths)
         else:

@@ -12,7 +12,6 @@ import asyncio
 import importlib.util
 import inspect
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from .artifact import Artifact, artifact_dir, load_artifact
 from .config import ModelConfig
 from .errors import ArtifactError, EmptyInputError
-from .generator import Completion, GenerationState, generate_events
+from .generator import Completion, GenerationState, generate, generate_events
 from .sampling import SamplingParams, params_from_kwargs
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,6 @@ class LanguageModel:
         self.kind = kind  # "onnx" | "torch"
         self.size_bytes = size_bytes
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"tta-{name}")
-        self._lock = threading.Lock()
 
     # -- prompts ------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Messages) -> list[int]:
@@ -79,12 +77,8 @@ class LanguageModel:
                                state=state if state is not None else GenerationState(len(ids)))
 
     def generate(self, prompt: str | Messages, **kwargs) -> Completion:
-        ids = self.encode_prompt(prompt)
-        state = GenerationState(len(ids))
-        for _ in generate_events(self.backend, self.tokenizer, ids, self.params(**kwargs), self.eos_ids,
-                                 state=state):
-            pass
-        return state.completion()
+        return generate(self.backend, self.tokenizer, self.encode_prompt(prompt), self.params(**kwargs),
+                        self.eos_ids)
 
     def stream(self, prompt: str | Messages, **kwargs) -> Iterator[str]:
         """Text deltas; ``close()`` the iterator (or break out of a for loop) to stop decoding."""

@@ -100,11 +100,6 @@ class PrefixCache:
             while len(self.entries) > self.max_entries:
                 self.entries.popitem(last=False)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for ks, vs in self.entries.values() for a in (*ks, *vs))
-
-
 class BatchScheduler:
     def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_entries: int = 8,
                  initial_capacity: int = 512):
@@ -147,10 +142,6 @@ class BatchScheduler:
         self.thread.join()
         if self.big is not None:
             self.big.close()
-
-    @property
-    def load(self) -> int:
-        return len(self.pending) + len(self.active)
 
     # -- loop ---------------------------------------------------------------------------------------
     def _loop(self) -> None:

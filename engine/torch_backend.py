@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ContextLengthError
+from .errors import context_exceeded
 
 
 class TorchKVCache:
@@ -17,15 +17,6 @@ class TorchKVCache:
     @property
     def batch(self) -> int:
         return len(self.lengths)
-
-    def rewind(self, length: int, row: int | None = None) -> None:
-        if self.past is not None and int(self.lengths.max()) > length:
-            self.past.crop(length)
-        self.lengths[:] = np.minimum(self.lengths, length)
-
-    @property
-    def nbytes(self) -> int:
-        return 0
 
     def close(self) -> None:
         self.past = None
@@ -48,10 +39,7 @@ class TorchDecoder:
 
         new_lengths = cache.lengths + input_ids.shape[1]
         if int(new_lengths.max()) > self.context_length:
-            raise ContextLengthError(
-                f"{int(new_lengths.max())} tokens exceed the context of {self.context_length} tokens; "
-                "shorten the prompt or lower max_new_tokens."
-            )
+            raise context_exceeded(int(new_lengths.max()), self.context_length)
         if cache.past is None:
             from transformers import DynamicCache
 
