@@ -46,6 +46,13 @@ class ContextLengthError(TTAEngineError, ValueError):
     """The prompt (plus the requested new tokens) does not fit the model's context."""
 
 
+def context_exceeded(tokens: int, context: int) -> ContextLengthError:
+    """The error a backend raises when a step would hold more tokens than the model's context."""
+    return ContextLengthError(
+        f"{tokens} tokens exceed the context of {context} tokens; shorten the prompt or lower max_new_tokens."
+    )
+
+
 class SamplingParamError(TTAEngineError, ValueError):
     """A generation parameter has an invalid value."""
 

@@ -40,7 +40,7 @@ from tta_engine.sources import (
 )
 
 from . import validate
-from .quantize import quantize
+from .quantize import quantize, save_onnx
 
 STAGES = ("load", "export", "optimize", "quantize", "validate", "write")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -367,11 +367,7 @@ def _optimum_export(model, out_dir: Path, task: str, opset: int | None) -> Path:
 def _copy_onnx(src: Path, dst: Path) -> None:
     import onnx
 
-    model = onnx.load(str(src))
-    if model.ByteSize() > 1_500_000_000:
-        onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
-    else:
-        onnx.save_model(model, str(dst))
+    save_onnx(onnx.load(str(src)), dst)  # re-saved, so external data (if any) is named after dst
 
 
 def _opset(path: Path) -> int:

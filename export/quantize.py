@@ -63,7 +63,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     untied = dst.with_name(dst.stem + ".untied.onnx")
-    _save(_load_untied(src), untied)
+    save_onnx(_load_untied(src), untied)
     try:
         quantize_dynamic(
             untied, dst, per_channel=True, weight_type=QuantType.QInt8,
@@ -164,7 +164,7 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
         head_q.process()
         model = head_q.model.model
     gathers = quantize_embedding_8bit(model, block_size)
-    _save(model, dst)
+    save_onnx(model, dst)
     return {"method": "MatMulNBits weight-only", "bits": 4, "block_size": block_size,
             "accuracy_level": accuracy_level, "exact_grid_matrices": len(grid.encoded),
             "rtn_matrices": sum(1 for n in model.graph.node if n.op_type == "MatMulNBits") - len(grid.encoded)
@@ -172,9 +172,9 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
             "lm_head": {"node": head, "bits": head_bits}, "embedding_bits": 8 if gathers else None}
 
 
-def _save(model: onnx.ModelProto, dst: Path) -> None:
-    big = model.ByteSize() > 1_500_000_000 if hasattr(model, "ByteSize") else False
-    if big:
+def save_onnx(model: onnx.ModelProto, dst: Path) -> None:
+    """Save ``model``; weights go to ``<dst>.data`` beside it when the model is too big for one protobuf."""
+    if model.ByteSize() > 1_500_000_000:
         onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
     else:
         onnx.save_model(model, str(dst))
