@@ -10,6 +10,12 @@ Requests join and leave between steps. With the fused graph the rows share one K
 [max_batch, kv_heads, capacity, head_dim]; active rows are kept packed at the front, so the batch is a
 contiguous view bound in place (GroupQueryAttention takes each row's own length). Other backends
 (Optimum graph, PyTorch) keep one cache per request and step the rows one after another.
+
+Prefix reuse (fused graph): a finished request's row keeps its KV -- prompt *and* reply -- resident,
+so the next turn of the same conversation, which repeats all of it, prefills only its new tokens, in
+place, without a copy. A new prompt is matched (longest common token prefix) against the resident rows,
+the rows still decoding, and a bounded LRU of KV copies (``PrefixCache``) that keeps a conversation's
+KV when its row is needed by another one.
 A bounded queue guards admission: when it is full, ``submit`` raises OverloadedError at once.
 """
 
@@ -49,7 +55,8 @@ class Request:
 
 
 class _RowsView:
-    """Rows [start, stop) of a batched FusedKVCache, shaped like a cache for OrtDecoder.forward."""
+    """Rows [start, stop) of a batched FusedKVCache, shaped like a cache for OrtDecoder.forward. Views are
+    kept per row range (``_views``), so the IO binding OrtDecoder caches on them survives between steps."""
 
     def __init__(self, big, start: int, stop: int):
         self.keys = [k[start:stop] for k in big.keys]
@@ -61,9 +68,16 @@ class _RowsView:
         assert needed <= self.capacity, "scheduler must grow the batched cache before a step"
 
 
+def common_prefix(a: Sequence[int], b: np.ndarray) -> int:
+    """Length of the common prefix of token sequences ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
 class PrefixCache:
-    """Bounded LRU of prompt KV states. Keys valid for a prompt are valid for every prefix of it, so a
-    lookup returns the longest common prefix with any stored prompt."""
+    """Bounded LRU of KV copies keyed by their token sequence. Keys valid for a sequence are valid for
+    every prefix of it, so a lookup returns the longest common prefix with any stored sequence."""
 
     def __init__(self, max_entries: int = 8, min_tokens: int = 16):
         self.max_entries, self.min_tokens = max_entries, min_tokens
@@ -76,29 +90,31 @@ class PrefixCache:
         prompt_arr = np.asarray(prompt)
         with self.lock:
             for key in self.entries:
-                n = min(len(key), len(prompt_arr))
-                diff = np.flatnonzero(np.asarray(key[:n]) != prompt_arr[:n])
-                common = int(diff[0]) if diff.size else n
+                common = common_prefix(key, prompt_arr)
                 if common > best:
                     best, best_key = common, key
-            if best_key is None or best < self.min_tokens:
-                self.misses += 1
+            if best_key is None:
                 return 0, None
             self.entries.move_to_end(best_key)
-            self.hits += 1
             return best, self.entries[best_key]
 
-    def store(self, prompt: Sequence[int], big, row: int | None) -> None:
-        n = len(prompt)
-        if row is None or n < self.min_tokens or self.max_entries <= 0:
+    def store(self, tokens: Sequence[int], big, row: int) -> None:
+        """Copy the KV of ``tokens`` (held by row ``row`` of ``big``) into the cache."""
+        n, key = len(tokens), tuple(tokens)
+        if n < self.min_tokens or self.max_entries <= 0:
             return
+        with self.lock:
+            if any(len(k) >= n and k[:n] == key for k in self.entries):
+                return  # already covered by a stored sequence
         keys = [k[row, :, :n].copy() for k in big.keys]
         values = [v[row, :, :n].copy() for v in big.values]
         with self.lock:
-            self.entries[tuple(prompt)] = (keys, values)
-            self.entries.move_to_end(tuple(prompt))
+            for k in [k for k in self.entries if len(k) < n and key[:len(k)] == k]:
+                del self.entries[k]  # a prefix of the new entry: redundant
+            self.entries[key] = (keys, values)
             while len(self.entries) > self.max_entries:
                 self.entries.popitem(last=False)
+
 
 class BatchScheduler:
     def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_entries: int = 8,
@@ -107,7 +123,11 @@ class BatchScheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.fused = getattr(self.backend, "layout", None) == "fused"
         self.prefix = PrefixCache(prefix_cache_entries) if self.fused else None
+        self.reuse = self.fused and prefix_cache_entries > 0
         self.big = self.backend.new_cache(max_batch, capacity=initial_capacity) if self.fused else None
+        self.resident: list[tuple[int, ...] | None] = [None] * max_batch  # free rows' KV, by token sequence
+        self._views: dict[tuple[int, int], _RowsView] = {}
+        self._views_key: tuple | None = None
         self.pending: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
         self.cond = threading.Condition()
@@ -188,9 +208,7 @@ class BatchScheduler:
             self.active.append(req)
             logits = self._prefill_row(req, row)
             req.state.t_prefill = time.perf_counter()
-            self._take(req, logits)  # the first token goes out before the prompt's KV is saved for reuse
-            if self.prefix is not None and not req.cancelled.is_set():
-                self.prefix.store(req.prompt_ids, self.big, row if req in self.active else None)
+            self._take(req, logits)
             return
         else:
             req.cache = self.backend.new_cache(1, capacity=len(req.prompt_ids) + req.params.max_new_tokens)
@@ -200,21 +218,70 @@ class BatchScheduler:
         self._take(req, logits)
 
     def _prefill_row(self, req: Request, row: int) -> np.ndarray:
-        prompt = req.prompt_ids
-        self.big.ensure_capacity(len(prompt) + req.params.max_new_tokens)
-        reuse, entry = self.prefix.lookup(prompt) if self.prefix else (0, None)
+        prompt, big = req.prompt_ids, self.big
+        big.ensure_capacity(len(prompt) + req.params.max_new_tokens)
+        reuse, source = self._best_prefix(prompt, row) if self.reuse else (0, None)
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is always run, for its logits
-        self.big.lengths[row] = 0
-        if entry is not None and reuse > 0:
-            for dst, src in ((self.big.keys, entry[0]), (self.big.values, entry[1])):
-                for i, buf in enumerate(dst):
-                    buf[row, :, :reuse] = src[i][:, :reuse]
-            self.big.lengths[row] = reuse
+        if reuse < self.prefix.min_tokens:
+            reuse = 0
+        resident, self.resident[row] = self.resident[row], None
+        if resident is not None and not (reuse and source == row):
+            self.prefix.store(resident, big, row)  # keep the previous conversation of this row
+        if reuse:
+            self.prefix.hits += 1
+            if isinstance(source, int):
+                if source != row:  # another row (resident or still decoding) holds the prefix
+                    for bufs in (big.keys, big.values):
+                        for buf in bufs:
+                            buf[row, :, :reuse] = buf[source, :, :reuse]
+            else:  # a stored copy
+                for dst, src in ((big.keys, source[0]), (big.values, source[1])):
+                    for i, buf in enumerate(dst):
+                        buf[row, :, :reuse] = src[i][:, :reuse]
+        elif self.reuse:
+            self.prefix.misses += 1
+        big.lengths[row] = reuse
         req.reused_tokens = reuse
-        view = _RowsView(self.big, row, row + 1)
+        view = self._view(row, row + 1)
         logits = self.backend.forward(view, np.asarray([prompt[reuse:]], dtype=np.int64))[0]
-        self.big.lengths[row] = view.lengths[0]
+        big.lengths[row] = view.lengths[0]
         return logits
+
+    def _best_prefix(self, prompt: Sequence[int], row: int) -> tuple[int, object]:
+        """Longest common prefix of ``prompt`` with a row's KV (resident or decoding: source = row
+        index) or a stored copy (source = the copy). A row wins ties: it needs no copy, or a cheaper one."""
+        prompt_arr = np.asarray(prompt)
+        best, source = 0, None
+        for r in range(self.max_batch):
+            tokens = self._row_tokens(r)
+            if tokens:
+                n = common_prefix(tokens, prompt_arr)
+                if n > best or (n == best and n and r == row):  # prefer in place
+                    best, source = n, r
+        n, entry = self.prefix.lookup(prompt)
+        if n > best:
+            best, source = n, entry
+        return best, source
+
+    def _row_tokens(self, r: int) -> Sequence[int] | None:
+        """The token sequence whose KV row ``r`` holds (None if nothing reusable)."""
+        if self.resident[r] is not None:
+            return self.resident[r]
+        if r < len(self.active):
+            req, n = self.active[r], int(self.big.lengths[r])
+            if n:
+                return req.prompt_ids[:n] + req.state.tokens[: max(n - len(req.prompt_ids), 0)]
+        return None
+
+    def _view(self, start: int, stop: int) -> _RowsView:
+        key = (self.big.keys[0].ctypes.data, self.big.capacity)
+        if key != self._views_key:  # buffers grew: old views point at freed memory
+            self._views, self._views_key = {}, key
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = _RowsView(self.big, start, stop)
+        view.lengths = self.big.lengths[start:stop].copy()
+        return view
 
     def _step(self) -> None:
         self.steps += 1
@@ -222,7 +289,7 @@ class BatchScheduler:
             n = len(self.active)
             need = int(self.big.lengths[:n].max()) + 1
             self.big.ensure_capacity(need)
-            view = _RowsView(self.big, 0, n)
+            view = self._view(0, n)
             tokens = np.array([[r.last_token] for r in self.active], dtype=np.int64)
             logits = self.backend.forward(view, tokens)
             self.big.lengths[:n] = view.lengths
@@ -252,13 +319,21 @@ class BatchScheduler:
         if req in self.active:
             row = self.active.index(req)
             last = len(self.active) - 1
-            if self.fused:  # keep active rows packed: move the last row into the hole
-                if row != last:
+            if self.fused:
+                keep = self.reuse and error is None and int(self.big.lengths[row]) >= self.prefix.min_tokens
+                tokens = tuple(self._row_tokens(row) or ()) if keep else ()
+                if row != last:  # keep active rows packed: move the last row into the hole
+                    if keep:  # the hole's KV is about to be overwritten: keep a copy
+                        self.prefix.store(tokens, self.big, row)
+                    n = int(self.big.lengths[last])
                     for bufs in (self.big.keys, self.big.values):
                         for buf in bufs:
-                            buf[row] = buf[last]
+                            buf[row, :, :n] = buf[last, :, :n]
                     self.big.lengths[row] = self.big.lengths[last]
                     self.active[row] = self.active[last]
+                    self.resident[last] = None
+                else:  # the row stays where it is, resident, for the conversation's next turn
+                    self.resident[last] = tokens or None
                 self.big.lengths[last] = 0
                 self.active.pop()
             else:

@@ -239,7 +239,7 @@ def _prepare_decoder(cfg, options, progress, work: Path):
             if precision == "int4" and graph == "fused" and prefill_precision not in (None, "none", precision):
                 prefill_path, _ = quantized_graph(prefill_precision)
                 _copy_onnx(prefill_path, out / "prefill.onnx")
-                prefill = {"file": "prefill.onnx", "precision": prefill_precision, "min_tokens": 16}
+                prefill = {"file": "prefill.onnx", "precision": prefill_precision, "min_tokens": 2}
                 shutil.copy2(out / "prefill.onnx", final_path.parent / "prefill.onnx")
             progress.stage("validate", f"validating {precision} against PyTorch")
             final_fig = check(final_path, graph, {"prefill": prefill} if prefill else None)

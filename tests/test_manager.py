@@ -206,27 +206,72 @@ def test_full_queue_raises_overload(artifacts, tiny_configs):
         m.close()
 
 
-def test_prefix_reuse_gives_identical_tokens(manager, tiny_configs):
-    system = {"role": "system", "content": "World state: " + "the forest, the river, the old mill. " * 6}
-    turn1 = [system, {"role": "user", "content": "I walk to the mill."}]
-
-    async def main():
-        first = await manager.complete(turn1, "tiny-llama", max_tokens=16, temperature=0)
-        turn2 = turn1 + [{"role": "assistant", "content": first["text"]},
-                         {"role": "user", "content": "I open the door."}]
-        second = await manager.complete(turn2, "tiny-llama", max_tokens=16, temperature=0)
-        return turn2, second
-
-    turn2, second = run(main())
-    stats = manager.stats()["tiny-llama"]
-    assert stats["reused_prompt_tokens"] >= 60 and stats["prefix_cache_hits"] >= 1
+def _no_reuse_reference(manager, tiny_configs, prompts: list, max_tokens: int = 16) -> list[list[int]]:
     no_reuse = TransformersModelManager(tiny_configs, artifacts_root=manager.artifacts_root, prefix_cache_entries=0)
     try:
-        ref = run(no_reuse.complete(turn2, "tiny-llama", max_tokens=16, temperature=0))
+        refs = [run(no_reuse.complete(p, "tiny-llama", max_tokens=max_tokens, temperature=0))["token_ids"]
+                for p in prompts]
         assert no_reuse.stats()["tiny-llama"]["reused_prompt_tokens"] == 0
+        return refs
     finally:
         no_reuse.close()
-    assert second["token_ids"] == ref["token_ids"]
+
+
+WORLD_MSG = {"role": "system", "content": "World state: " + "the forest, the river, the old mill. " * 6}
+
+
+def _turns(system: dict, first_text: str | None = None) -> list[dict]:
+    turn1 = [system, {"role": "user", "content": "I walk to the mill."}]
+    if first_text is None:
+        return turn1
+    return turn1 + [{"role": "assistant", "content": first_text}, {"role": "user", "content": "I open the door."}]
+
+
+def test_prefix_reuse_gives_identical_tokens(manager, tiny_configs):
+    """The second turn reuses the first turn's prompt *and* reply KV (resident row), output unchanged."""
+    async def main():
+        first = await manager.complete(_turns(WORLD_MSG), "tiny-llama", max_tokens=16, temperature=0)
+        second = await manager.complete(_turns(WORLD_MSG, first["text"]), "tiny-llama", max_tokens=16,
+                                        temperature=0)
+        return first, second
+
+    first, second = run(main())
+    stats = manager.stats()["tiny-llama"]
+    # everything but the reply's last token (never fed) and the new user message is reused
+    prompt1 = first["usage"]["prompt_tokens"]
+    assert stats["reused_prompt_tokens"] >= prompt1 + 8 and stats["prefix_cache_hits"] >= 1
+    ref = _no_reuse_reference(manager, tiny_configs, [_turns(WORLD_MSG, first["text"])])[0]
+    assert second["token_ids"] == ref
+
+
+def test_prefix_reuse_survives_another_conversation(manager, tiny_configs):
+    """Conversation A's KV row is taken by conversation B; A's next turn still reuses a stored copy."""
+    other = {"role": "system", "content": "Another world: " + "a quiet harbour, boats and gulls. " * 6}
+
+    async def main():
+        a1 = await manager.complete(_turns(WORLD_MSG), "tiny-llama", max_tokens=12, temperature=0)
+        await manager.complete(_turns(other), "tiny-llama", max_tokens=12, temperature=0)
+        before = manager.stats()["tiny-llama"]["reused_prompt_tokens"]
+        a2 = await manager.complete(_turns(WORLD_MSG, a1["text"]), "tiny-llama", max_tokens=12, temperature=0)
+        return a1, a2, manager.stats()["tiny-llama"]["reused_prompt_tokens"] - before
+
+    a1, a2, reused = run(main())
+    assert reused >= a1["usage"]["prompt_tokens"]
+    assert a2["token_ids"] == _no_reuse_reference(manager, tiny_configs, [_turns(WORLD_MSG, a1["text"])], 12)[0]
+
+
+def test_concurrent_requests_share_a_prefix_from_a_decoding_row(manager, tiny_configs):
+    """Requests with the same world state admitted while another still decodes copy its prompt KV."""
+    prompts = [[WORLD_MSG, {"role": "user", "content": f"I look at object number {i}."}] for i in range(4)]
+
+    async def main():
+        return await asyncio.gather(*[manager.complete(p, "tiny-llama", max_tokens=24, temperature=0)
+                                      for p in prompts])
+
+    results = run(main())
+    assert manager.stats()["tiny-llama"]["reused_prompt_tokens"] >= 3 * 40
+    refs = _no_reuse_reference(manager, tiny_configs, prompts, 24)
+    assert [r["token_ids"] for r in results] == refs
 
 
 def test_embedding_cache_and_stats(manager):
