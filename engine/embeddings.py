@@ -88,22 +88,37 @@ class OrtEncoder:
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.dimension = int(self.session.get_outputs()[0].shape[-1])
 
-    def _forward(self, batch: list[str]) -> np.ndarray:
-        enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_seq_length,
-                             return_tensors="np")
-        feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in self.input_names}
+    def _forward(self, ids: list[list[int]], extra: dict[str, list[list[int]]]) -> np.ndarray:
+        """One batch of token id lists (any lengths) -> pooled embeddings [batch, dim]."""
+        lengths = [len(x) for x in ids]
+        shape = (len(ids), max(lengths))
+        input_ids = np.full(shape, self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros(shape, dtype=np.int64)
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        for name in extra:
+            feeds[name] = np.zeros(shape, dtype=np.int64)
+        for r, n in enumerate(lengths):
+            input_ids[r, :n] = ids[r]
+            mask[r, :n] = 1
+            for name, rows in extra.items():
+                feeds[name][r, :n] = rows[r]
         if "token_type_ids" in self.input_names and "token_type_ids" not in feeds:
-            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        hidden = self.session.run(None, feeds)[0]
-        return pool(hidden, enc["attention_mask"], self.pooling)
+            feeds["token_type_ids"] = np.zeros(shape, dtype=np.int64)
+        hidden = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})[0]
+        return pool(hidden, mask, self.pooling)
 
     def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
+        """Tokenize everything at once, sort by *token* length (less padding than sorting by characters),
+        run batches, pool, restore the input order, normalize."""
         texts = _check_texts(texts)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)
+        ids = enc["input_ids"]
+        extra = {k: v for k, v in enc.items() if k in self.input_names and k not in ("input_ids", "attention_mask")}
+        order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            out[idx] = self._forward([texts[i] for i in idx])
+            out[idx] = self._forward([ids[i] for i in idx], {k: [v[i] for i in idx] for k, v in extra.items()})
         if self.normalize if normalize is None else normalize:
             out = l2_normalize(out)
         return out
