@@ -63,6 +63,56 @@ async def prefix_reuse(m: TransformersModelManager, name: str, repeats: int) -> 
     return {"cold_ttft_s": statistics.median(cold), "second_turn_ttft_s": statistics.median(warm)}
 
 
+def _chat_ids(tok, messages) -> list[int]:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def llama_cpp_prefix_reuse(cfg, tok, repeats: int) -> dict | None:
+    """The same two turns on llama-cpp-python (the GGUF file), which keeps the KV of its last sequence and
+    evaluates only the tokens after the common prefix. None when llama-cpp-python or a GGUF is missing."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("  llama.cpp: skipped (pip install llama-cpp-python)", flush=True)
+        return None
+    from tta_engine.ort_session import physical_cores
+    from tta_engine.sources import resolve_source
+
+    src = resolve_source(cfg)
+    if not src.gguf_file:
+        return None
+    llm = Llama(model_path=str(src.directory / src.gguf_file), n_ctx=2048, n_threads=physical_cores(),
+                n_threads_batch=physical_cores(), n_batch=512, verbose=False)
+
+    def ttft_and_reply(ids: list[int]) -> tuple[float, list[int]]:
+        t0, out, first = time.perf_counter(), [], 0.0
+        # reset=True: llama-cpp-python keeps the longest common prefix of its KV and evaluates the rest
+        for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            first = first or time.perf_counter() - t0
+            out.append(int(t))
+            if len(out) >= 16 or t == llm.token_eos():
+                break
+        return first, out
+
+    system = {"role": "system", "content": WORLD * 5}
+    cold, warm = [], []
+    for r in range(repeats):
+        sys_r = {"role": "system", "content": f"Session {r}. " + system["content"]}
+        turn1 = [sys_r, {"role": "user", "content": "I walk towards the mill."}]
+        llm.reset()  # cold: nothing kept
+        ids1 = _chat_ids(tok, turn1)
+        t1, reply = ttft_and_reply(ids1)
+        turn2 = turn1 + [{"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)},
+                         {"role": "user", "content": "I open the door of the mill."}]
+        ids2 = _chat_ids(tok, turn2)
+        t2, _ = ttft_and_reply(ids2)  # reuses the KV of turn 1 (prompt and reply)
+        cold.append(t1)
+        warm.append(t2)
+    llm.close()
+    return {"cold_ttft_s": statistics.median(cold), "second_turn_ttft_s": statistics.median(warm)}
+
+
 async def overhead(m: TransformersModelManager, lm, name: str, new_tokens: int, repeats: int) -> dict:
     bare, managed = [], []
     prompt = user(0)
@@ -83,6 +133,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                    help="skip the llama-cpp-python prefix-reuse comparison")
     args = ap.parse_args(argv)
 
     cfgs = load_model_configs()
@@ -99,6 +151,11 @@ def main(argv=None) -> dict:
         conc = await concurrency(m, cfg.name, args.streams, args.new_tokens)
         print("prefix reuse", flush=True)
         pref = await prefix_reuse(m, cfg.name, args.repeats)
+        if args.llama_cpp:
+            print("prefix reuse, llama-cpp-python", flush=True)
+            pref_llama = llama_cpp_prefix_reuse(cfg, m.load_model(cfg.name)[1], args.repeats)
+            if pref_llama:
+                pref["llama_cpp"] = pref_llama
         print("manager overhead", flush=True)
         over = await overhead(m, lm, cfg.name, args.new_tokens * 2, args.repeats)
         return {"concurrency_tok_s": conc, "prefix": pref, "overhead": over}
@@ -110,6 +167,10 @@ def main(argv=None) -> dict:
     base = conc[min(conc)]
     ratios = {f"aggregate_{n}_streams_vs_1": conc[n] / base for n in conc}
     ratios["second_turn_ttft_vs_cold"] = pref["second_turn_ttft_s"] / pref["cold_ttft_s"]
+    if "llama_cpp" in pref:
+        lc = pref["llama_cpp"]
+        ratios["llama_cpp_second_turn_ttft_vs_cold"] = lc["second_turn_ttft_s"] / lc["cold_ttft_s"]
+        ratios["second_turn_ttft_tta_vs_llama_cpp"] = pref["second_turn_ttft_s"] / lc["second_turn_ttft_s"]
     ratios["manager_vs_bare_tok_s"] = over["manager_tok_s"] / over["bare_tok_s"]
     res["ratios"] = ratios
     print("\n| ratio | value | target |\n|---|---|---|")

@@ -118,9 +118,12 @@ def prepare_ortgenai(hf_dir: Path, cache: Path, log: Callable[[str], None] = pri
 
         log(f"  building an onnxruntime-genai int4 model -> {out} ...")
         with _staged_dir(out) as tmp:
-            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-                            "-o", str(tmp), "-p", "int4", "-e", "cpu", "-c", str(cache / "ortgenai-tmp")],
-                           check=True, capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+                                   "-o", str(tmp), "-p", "int4", "-e", "cpu", "-c", str(cache / "ortgenai-tmp")],
+                                  capture_output=True, text=True)
+            if done.returncode:  # e.g. a builder newer than the installed transformers
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"{last} (or put a model built by its builder in {out})")
     return out
 
 
