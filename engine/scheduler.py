@@ -76,11 +76,11 @@ def common_prefix(a: Sequence[int], b: np.ndarray) -> int:
 
 
 class PrefixCache:
-    """Bounded LRU of KV copies keyed by their token sequence. Keys valid for a sequence are valid for
+    """LRU of KV copies keyed by their token sequence, bounded by entries and bytes. Keys valid for a sequence are valid for
     every prefix of it, so a lookup returns the longest common prefix with any stored sequence."""
 
-    def __init__(self, max_entries: int = 8, min_tokens: int = 16):
-        self.max_entries, self.min_tokens = max_entries, min_tokens
+    def __init__(self, max_entries: int = 8, min_tokens: int = 16, max_bytes: int = 256 << 20):
+        self.max_entries, self.min_tokens, self.max_bytes = max_entries, min_tokens, max_bytes
         self.entries: collections.OrderedDict[tuple[int, ...], tuple[list, list]] = collections.OrderedDict()
         self.hits = self.misses = 0
         self.lock = threading.Lock()
@@ -112,17 +112,21 @@ class PrefixCache:
             for k in [k for k in self.entries if len(k) < n and key[:len(k)] == k]:
                 del self.entries[k]  # a prefix of the new entry: redundant
             self.entries[key] = (keys, values)
-            while len(self.entries) > self.max_entries:
+            while len(self.entries) > self.max_entries or (len(self.entries) > 1 and self.nbytes > self.max_bytes):
                 self.entries.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for keys, values in self.entries.values() for a in (*keys, *values))
 
 
 class BatchScheduler:
     def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_entries: int = 8,
-                 initial_capacity: int = 512):
+                 prefix_cache_bytes: int = 256 << 20, initial_capacity: int = 512):
         self.lm, self.backend = lm, lm.backend
         self.max_batch, self.max_queue = max_batch, max_queue
         self.fused = getattr(self.backend, "layout", None) == "fused"
-        self.prefix = PrefixCache(prefix_cache_entries) if self.fused else None
+        self.prefix = PrefixCache(prefix_cache_entries, max_bytes=prefix_cache_bytes) if self.fused else None
         self.reuse = self.fused and prefix_cache_entries > 0
         self.big = self.backend.new_cache(max_batch, capacity=initial_capacity) if self.fused else None
         self.resident: list[tuple[int, ...] | None] = [None] * max_batch  # free rows' KV, by token sequence

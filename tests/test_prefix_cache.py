@@ -1,0 +1,54 @@
+"""PrefixCache: longest-prefix lookup, LRU eviction by entries and by bytes, redundant prefixes dropped."""
+
+from __future__ import annotations
+
+import numpy as np
+from tta_engine.scheduler import PrefixCache, common_prefix
+
+
+class Big:
+    """The part of a batched FusedKVCache that PrefixCache.store reads: per-layer [rows, heads, cap, dim]."""
+
+    def __init__(self, layers: int = 2, rows: int = 2, capacity: int = 64):
+        rng = np.random.default_rng(0)
+        self.keys = [rng.standard_normal((rows, 1, capacity, 4), dtype=np.float32) for _ in range(layers)]
+        self.values = [rng.standard_normal((rows, 1, capacity, 4), dtype=np.float32) for _ in range(layers)]
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], np.array([1, 2, 4, 5])) == 2
+    assert common_prefix([1, 2], np.array([1, 2, 3])) == 2
+    assert common_prefix([9], np.array([1])) == 0
+
+
+def test_lookup_returns_longest_prefix_and_its_kv():
+    big, cache = Big(), PrefixCache(max_entries=4, min_tokens=2)
+    cache.store(list(range(10)), big, row=0)
+    cache.store([0, 1, 2, 50, 51, 52], big, row=1)
+    n, (keys, values) = cache.lookup(list(range(8)) + [99])
+    assert n == 8
+    np.testing.assert_array_equal(keys[1][:, :8], big.keys[1][0, :, :8])
+    np.testing.assert_array_equal(values[0][:, :8], big.values[0][0, :, :8])
+    assert cache.lookup([7, 7, 7]) == (0, None)
+
+
+def test_entry_and_byte_bounds_evict_least_recently_used():
+    big = Big(capacity=64)
+    cache = PrefixCache(max_entries=2, min_tokens=2)
+    for start in (0, 100, 200):
+        cache.store([start + i for i in range(20)], big, row=0)
+    assert [k[0] for k in cache.entries] == [100, 200]
+    one = 2 * 2 * 20 * 4 * 4  # layers x (keys, values) x tokens x dim x 4 bytes
+    cache = PrefixCache(max_entries=8, min_tokens=2, max_bytes=2 * one)
+    for start in (0, 100, 200):
+        cache.store([start + i for i in range(20)], big, row=0)
+    assert cache.nbytes <= 2 * one and [k[0] for k in cache.entries] == [100, 200]
+
+
+def test_stored_prefix_of_a_longer_entry_is_not_duplicated():
+    big, cache = Big(), PrefixCache(max_entries=4, min_tokens=2)
+    cache.store(list(range(5)), big, row=0)
+    cache.store(list(range(12)), big, row=0)  # extends the first: the shorter one goes
+    cache.store(list(range(7)), big, row=0)  # covered by the longer one: not stored
+    assert list(cache.entries) == [tuple(range(12))]
+    assert cache.store(list(range(1)), big, row=0) is None and len(cache.entries) == 1  # under min_tokens
