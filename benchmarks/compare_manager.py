@@ -133,6 +133,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--wide-step-rows", type=int, default=0,
+                    help="manager throughput option: steps with >= N rows run on the int8 prefill graph (0: off)")
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
                     help="skip the llama-cpp-python prefix-reuse comparison")
     args = ap.parse_args(argv)
@@ -143,7 +145,7 @@ def main(argv=None) -> dict:
 
     cfgs[args.model] = cfg = replace(cfg, precision=args.precision)
     art = load_artifact(artifact_dir(args.artifacts, cfg.name, args.precision))
-    m = TransformersModelManager(cfgs, artifacts_root=args.artifacts)
+    m = TransformersModelManager(cfgs, artifacts_root=args.artifacts, wide_step_rows=args.wide_step_rows)
     lm = open_artifact_lm(art, cfg)
 
     async def run() -> dict:

@@ -91,14 +91,15 @@ class TransformersModelManager:
                  artifacts_root: str | Path | None = None, max_loaded_models: int = 4,
                  memory_budget_bytes: int | None = None, max_batch: int = 16, max_queue: int = 64,
                  prefix_cache_entries: int = 8, prefix_cache_bytes: int = 256 << 20,
-                 embedding_cache_size: int = 4096, threads: int | None = None, backend: str | None = None):
+                 embedding_cache_size: int = 4096, threads: int | None = None, backend: str | None = None,
+                 wide_step_rows: int = 0):
         self.model_configs: dict[str, ModelConfig] = coerce_configs(model_configs)
         self.cache_dir = cache_dir
         self.artifacts_root = artifacts_root
         self.max_loaded_models = max_loaded_models
         self.memory_budget_bytes = memory_budget_bytes
         self.max_batch, self.max_queue, self.prefix_cache_entries = max_batch, max_queue, prefix_cache_entries
-        self.prefix_cache_bytes = prefix_cache_bytes
+        self.prefix_cache_bytes, self.wide_step_rows = prefix_cache_bytes, wide_step_rows
         self.threads, self.backend = threads, backend
         self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._lock = threading.RLock()
@@ -165,7 +166,7 @@ class TransformersModelManager:
                                  cache_dir=self.cache_dir, threads=self.threads)
         sched = BatchScheduler(lm, max_batch=self.max_batch, max_queue=self.max_queue,
                                prefix_cache_entries=self.prefix_cache_entries,
-                               prefix_cache_bytes=self.prefix_cache_bytes)
+                               prefix_cache_bytes=self.prefix_cache_bytes, wide_step_rows=self.wide_step_rows)
         return _Loaded(cfg.name, "causal_lm", lm, lm.size_bytes, lm.kind, scheduler=sched, tokenizer=lm.tokenizer)
 
     def _evict_for(self, incoming: int, keep: str) -> None:

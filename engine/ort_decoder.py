@@ -123,23 +123,28 @@ class OrtDecoder:
                               self.context_length)
 
     # -- forward ------------------------------------------------------------------------------------
-    def forward(self, cache, input_ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+    def forward(self, cache, input_ids: np.ndarray, *, all_logits: bool = False,
+                prefill_graph: bool = False) -> np.ndarray:
         """Append ``input_ids`` [batch, seq] to ``cache``; return logits [batch, vocab] of the last position
-        (or [batch, seq, vocab] with ``all_logits``, which the fused graph only has for its last position)."""
+        (or [batch, seq, vocab] with ``all_logits``, which the fused graph only has for its last position).
+        ``prefill_graph``: run on the prefill graph (when the artifact has one) even for one token per row
+        -- the batch scheduler's throughput option for wide decode steps."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         new_lengths = cache.lengths + input_ids.shape[1]
         if int(new_lengths.max()) > self.context_length:
             raise context_exceeded(int(new_lengths.max()), self.context_length)
         if self.layout == "fused":
-            logits = self._forward_fused(cache, input_ids, new_lengths)
+            logits = self._forward_fused(cache, input_ids, new_lengths, prefill_graph)
         else:
             logits = self._forward_optimum(cache, input_ids, new_lengths)
         cache.lengths = new_lengths
         return logits if all_logits else logits[:, -1, :]
 
-    def _forward_fused(self, cache: FusedKVCache, ids: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+    def _forward_fused(self, cache: FusedKVCache, ids: np.ndarray, new_lengths: np.ndarray,
+                       prefill_graph: bool = False) -> np.ndarray:
         cache.ensure_capacity(int(new_lengths.max()))
-        session = self.prefill_session if ids.shape[1] >= self.prefill_min_tokens else self.session
+        wide = prefill_graph or ids.shape[1] >= self.prefill_min_tokens
+        session = self.prefill_session if wide and self.prefill_session is not None else self.session
         io, logits = self._kv_binding(cache, session)
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("seqlens_k", (new_lengths - 1).astype(np.int32))

@@ -122,8 +122,13 @@ class PrefixCache:
 
 class BatchScheduler:
     def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_entries: int = 8,
-                 prefix_cache_bytes: int = 256 << 20, initial_capacity: int = 512):
+                 prefix_cache_bytes: int = 256 << 20, initial_capacity: int = 512, wide_step_rows: int = 0):
         self.lm, self.backend = lm, lm.backend
+        # Throughput option, off by default (0): decode steps with at least this many rows run on the
+        # artifact's prefill graph (an int4 artifact's int8 graph: AMX/VNNI GEMMs scale with rows, int4
+        # MatMulNBits hardly does). Rows decoded in such steps follow int8 numerics, so a request's text
+        # then depends on how many others run beside it.
+        self.wide_step_rows = wide_step_rows
         self.max_batch, self.max_queue = max_batch, max_queue
         self.fused = getattr(self.backend, "layout", None) == "fused"
         self.prefix = PrefixCache(prefix_cache_entries, max_bytes=prefix_cache_bytes) if self.fused else None
@@ -295,7 +300,8 @@ class BatchScheduler:
             self.big.ensure_capacity(need)
             view = self._view(0, n)
             tokens = np.array([[r.last_token] for r in self.active], dtype=np.int64)
-            logits = self.backend.forward(view, tokens)
+            wide = bool(self.wide_step_rows) and n >= self.wide_step_rows
+            logits = self.backend.forward(view, tokens, prefill_graph=True) if wide else self.backend.forward(view, tokens)
             self.big.lengths[:n] = view.lengths
             for req, row_logits in zip(list(self.active), logits, strict=True):
                 self._take(req, row_logits)

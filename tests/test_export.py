@@ -221,3 +221,42 @@ def test_int4_artifact_prefills_with_its_int8_graph(artifacts):
     assert calls == ["prefill", "decode", "decode"]
     assert int(cache.lengths[0]) == 2 * pre["min_tokens"]
     assert artifacts.get("tiny-llama", "int8").manifest["decoder"].get("prefill") is None
+
+
+def test_wide_decode_steps_run_on_the_prefill_graph(artifacts, tiny_configs):
+    """The scheduler's throughput option: steps of >= wide_step_rows rows go to the int8 graph."""
+    import threading
+
+    from tta_engine.runtime import open_artifact_lm
+    from tta_engine.sampling import SamplingParams
+    from tta_engine.scheduler import END, BatchScheduler
+
+    lm = open_artifact_lm(artifacts.get("tiny-llama", "int4"), tiny_configs["tiny-llama"])
+    dec, seen = lm.backend, []
+    real_forward = dec._forward_fused
+
+    def forward(cache, ids, new_lengths, prefill_graph=False):
+        for label, sess in (("prefill", dec.prefill_session), ("decode", dec.session)):
+            real = sess.run_with_iobinding
+            sess.run_with_iobinding = lambda io, _r=real, _l=label, _s=sess: (
+                seen.append((_l, ids.shape)), setattr(_s, "run_with_iobinding", _r), _r(io))[2]
+        try:
+            return real_forward(cache, ids, new_lengths, prefill_graph)
+        finally:
+            for sess in (dec.prefill_session, dec.session):
+                sess.__dict__.pop("run_with_iobinding", None)
+
+    dec._forward_fused = forward
+    for rows, expect_wide in ((2, True), (0, False)):
+        seen.clear()
+        sched = BatchScheduler(lm, max_batch=4, wide_step_rows=rows)
+        done = [threading.Event(), threading.Event()]
+        params = SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0.0)
+        with sched.cond:  # admit both before the first step
+            for i in range(2):
+                sched.submit([5 + i, 6, 7, 8], params, lambda item, e=done[i]: item is END and e.set())
+        assert all(e.wait(30) for e in done)
+        sched.close()
+        two_row_steps = {label for label, shape in seen if shape == (2, 1)}
+        assert two_row_steps == ({"prefill"} if expect_wide else {"decode"})
+    lm.close()
