@@ -40,7 +40,7 @@ from tta_engine.sources import (
 )
 
 from . import validate
-from .quantize import per_token_activations, quantize, save_onnx
+from .quantize import quantize, save_onnx
 
 STAGES = ("load", "export", "optimize", "quantize", "validate", "write")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -237,14 +237,10 @@ def _prepare_decoder(cfg, options, progress, work: Path):
             final_path, quant_meta = quantized_graph(precision)
             prefill_precision = options.prefill_precision
             if precision == "int4" and graph == "fused" and prefill_precision not in (None, "none", precision):
-                prefill_path, _ = quantized_graph(prefill_precision)
-                import onnx
-
-                prefill_model = onnx.load(str(prefill_path))
-                per_token = per_token_activations(prefill_model)  # per-row scales: fidelity, no cross-row coupling
-                save_onnx(prefill_model, out / "prefill.onnx")
+                prefill_path, prefill_meta = quantized_graph(prefill_precision)
+                _copy_onnx(prefill_path, out / "prefill.onnx")
                 prefill = {"file": "prefill.onnx", "precision": prefill_precision, "min_tokens": 2,
-                           "activations": "per-token" if per_token else "per-tensor"}
+                           "activations": prefill_meta.get("activations")}
                 shutil.copy2(out / "prefill.onnx", final_path.parent / "prefill.onnx")
             progress.stage("validate", f"validating {precision} against PyTorch")
             final_fig = check(final_path, graph, {"prefill": prefill} if prefill else None)

@@ -1,7 +1,7 @@
 """Stage 4: weight quantization with ONNX Runtime's quantizers.
 
 - int8: dynamic, per-channel (MatMulInteger with int8 weights), the LM head and the embedding Gather
-  included.
+  included; activations quantized per token (``per_token_activations``), not per tensor.
 - int4: weight-only blockwise (MatMulNBits, configurable block size) for every layer MatMul; weights
   already on a 4-bit grid (GGUF sources) are re-encoded exactly (grid4.py). The LM head and the
   embedding table (GatherBlockQuantized) are quantized too, at 8 bits by default: on small models with
@@ -72,6 +72,9 @@ def quantize_int8(src: Path, dst: Path) -> None:
         )
     finally:
         untied.unlink(missing_ok=True)
+    model = onnx.load(str(dst))
+    per_token_activations(model)
+    save_onnx(model, dst)
 
 
 def per_token_activations(model: onnx.ModelProto) -> int:
@@ -79,46 +82,85 @@ def per_token_activations(model: onnx.ModelProto) -> int:
 
     ORT's dynamic quantization (DynamicQuantizeLinear) uses one scale for the whole [batch, seq, K]
     activation tensor, so a few tokens with very large activations (attention sinks, the first tokens)
-    coarsen every other token's quantization -- and rows of a batch change each other's numerics. This
-    rewrites each DynamicQuantizeLinear(x) -> (q, scale, zero point) into a symmetric per-row version:
-    scale = max|x| / 127 over the last axis [..., 1], q = round(x / scale) + 128 (uint8), zero point 128.
-    The MatMulInteger and the rescaling Mul after it are unchanged (the scale broadcasts per row).
-    Measured on SmolLM2's int8 prefill graph: greedy agreement with fp32 on a chat prompt 0 -> 37 tokens,
-    272-token prefill 103 -> 128 ms. Returns the number of nodes rewritten."""
+    coarsen every other token's quantization -- and rows of a batch change each other's numerics.
+    ORT's CPU MatMulInteger takes one activation zero point, so the per-row affine quantization is
+    written with zero point 0 and the offset moved out of the integer product:
+
+        lo, hi = min, max of x over K (per row);  s = (hi - lo) / 255;  q = round((x - lo) / s)  (uint8)
+        x @ W  ~=  s * (q @ Wq) * w_scale  +  lo * colsum(W)          colsum(W) = w_scale * sum_k (Wq - w_zp)
+
+    Measured on SmolLM2: int8 greedy replies that went off-task or repeated one sentence became fluent.
+    Returns the number of activation quantizers rewritten."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     graph = model.graph
-    consts = {"pt.eps": np.array(1e-10, np.float32), "pt.c127": np.array(127, np.float32),
-              "pt.c128": np.array(128, np.float32), "pt.z128": np.array(128, np.uint8),
-              "pt.axes": np.array([-1], np.int64)}
-    nodes, count = [], 0
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+        for o in n.output:
+            producer[o] = n
+
+    def reduce(op: str, x: str, out: str) -> onnx.NodeProto:
+        if opset >= 18:
+            return helper.make_node(op, [x, "pt.axes"], [out], keepdims=1, name=out)
+        return helper.make_node(op, [x], [out], keepdims=1, axes=[-1], name=out)
+
+    new_inits = [numpy_helper.from_array(v, k) for k, v in {
+        "pt.eps": np.array(1e-10, np.float32), "pt.c255": np.array(255, np.float32),
+        "pt.z0": np.array(0, np.uint8), "pt.axes": np.array([-1], np.int64)}.items()]
+    before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert in its place
+    after: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert after it
+    count = 0
     for n in graph.node:
         if n.op_type != "DynamicQuantizeLinear":
-            nodes.append(n)
             continue
-        count += 1
         x, (q, scale, zero) = n.input[0], n.output
         t = f"{q}.per_token."
-        reduce = (helper.make_node("ReduceMax", [t + "abs", "pt.axes"], [t + "max"], keepdims=1) if opset >= 18
-                  else helper.make_node("ReduceMax", [t + "abs"], [t + "max"], keepdims=1, axes=[-1]))
-        nodes += [
-            helper.make_node("Abs", [x], [t + "abs"], name=t + "Abs"),
-            reduce,
-            helper.make_node("Max", [t + "max", "pt.eps"], [t + "max_eps"], name=t + "Max"),
-            helper.make_node("Div", [t + "max_eps", "pt.c127"], [scale], name=t + "Scale"),  # [..., 1]
-            helper.make_node("Div", [x, scale], [t + "scaled"], name=t + "Div"),
-            helper.make_node("Round", [t + "scaled"], [t + "rounded"], name=t + "Round"),
-            helper.make_node("Add", [t + "rounded", "pt.c128"], [t + "shifted"], name=t + "Shift"),
-            helper.make_node("Cast", [t + "shifted"], [q], to=TensorProto.UINT8, name=t + "Cast"),
-            helper.make_node("Identity", ["pt.z128"], [zero], name=t + "ZeroPoint"),
+        before[n.name or q] = [
+            reduce("ReduceMin", x, t + "lo"), reduce("ReduceMax", x, t + "hi"),
+            helper.make_node("Sub", [t + "hi", t + "lo"], [t + "range"], name=t + "range"),
+            helper.make_node("Max", [t + "range", "pt.eps"], [t + "range_eps"], name=t + "range_eps"),
+            helper.make_node("Div", [t + "range_eps", "pt.c255"], [scale], name=t + "scale"),  # [..., 1]
+            helper.make_node("Sub", [x, t + "lo"], [t + "shifted"], name=t + "shifted"),
+            helper.make_node("Div", [t + "shifted", scale], [t + "scaled"], name=t + "scaled"),
+            helper.make_node("Round", [t + "scaled"], [t + "rounded"], name=t + "rounded"),
+            helper.make_node("Cast", [t + "rounded"], [q], to=TensorProto.UINT8, name=t + "q"),
+            helper.make_node("Identity", ["pt.z0"], [zero], name=t + "zero_point"),
         ]
-        nodes[-8].name = t + "ReduceMax"
+        for mm in [c for c in consumers.get(q, []) if c.op_type == "MatMulInteger"]:
+            cast = consumers[mm.output[0]][0]
+            rescale = consumers[cast.output[0]][0]  # Mul(cast, scale * w_scale)
+            scales = producer[next(i for i in rescale.input if i != cast.output[0])]
+            w_scale = numpy_helper.to_array(inits[next(i for i in scales.input if i != scale)])
+            wq = numpy_helper.to_array(inits[mm.input[1]]).astype(np.int64)
+            wzp = numpy_helper.to_array(inits[mm.input[3]]).astype(np.int64) if len(mm.input) > 3 else 0
+            colsum = (w_scale * (wq - wzp).sum(0)).astype(np.float32)  # [N]
+            name = mm.output[0] + ".colsum"
+            new_inits.append(numpy_helper.from_array(colsum, name))
+            out = rescale.output[0]
+            rescale.output[0] = out + ".no_offset"
+            after[rescale.name or out] = [
+                helper.make_node("Mul", [t + "lo", name], [out + ".offset"], name=out + ".offset"),
+                helper.make_node("Add", [out + ".no_offset", out + ".offset"], [out], name=out + ".with_offset"),
+            ]
+        count += 1
     if count:
+        nodes = []
+        for n in graph.node:
+            key = n.name or n.output[0]
+            if n.op_type == "DynamicQuantizeLinear":
+                nodes += before[key]
+                continue
+            nodes.append(n)
+            nodes += after.get(n.name or n.output[0].removesuffix(".no_offset"), [])
         del graph.node[:]
         graph.node.extend(nodes)
-        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+        graph.initializer.extend(new_inits)
     return count
 
 
@@ -244,8 +286,8 @@ def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32) -> d
 def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> dict:
     if precision == "int8":
         quantize_int8(src, dst)
-        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "lm_head": True,
-                "embedding": "int8 Gather + DequantizeLinear"}
+        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "activations": "int8 per token",
+                "lm_head": True, "embedding": "int8 Gather + DequantizeLinear"}
     if precision == "int4":
         return quantize_int4(src, dst, block_size=block_size)
     raise ValueError(f"no quantization for precision {precision!r}")

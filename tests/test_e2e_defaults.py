@@ -31,7 +31,9 @@ def test_smollm2_artifacts_carry_validation_figures(real):
     _, _, arts = real
     for precision, (min_top1, max_kl) in {"int4": (0.9, 0.02), "int8": (0.85, 0.1)}.items():
         m = arts[(LM, precision)].manifest
-        assert m["graph"] == "fused" and m["decoder"]["node_count"] < 1000
+        # fused: a few hundred nodes (+12 per MatMul for int8's per-token activation quantizers);
+        # Optimum's export of the same model has ~7,400
+        assert m["graph"] == "fused" and m["decoder"]["node_count"] < (1000 if precision == "int4" else 2500)
         assert m["validation"]["fp32"]["greedy_exact"] is True  # the fused fp32 graph reproduces PyTorch
         fig = m["validation"][precision]
         assert fig["top1_agreement"] >= min_top1 and fig["mean_kl_divergence"] <= max_kl, fig
