@@ -111,7 +111,7 @@ def per_token_activations(model: onnx.ModelProto) -> int:
         return helper.make_node(op, [x], [out], keepdims=1, axes=[-1], name=out)
 
     new_inits = [numpy_helper.from_array(v, k) for k, v in {
-        "pt.eps": np.array(1e-10, np.float32), "pt.c255": np.array(255, np.float32),
+        "pt.eps": np.array(1e-10, np.float32), "pt.c255": np.array(255, np.float32), "pt.half": np.array(0.5, np.float32),
         "pt.z0": np.array(0, np.uint8), "pt.axes": np.array([-1], np.int64)}.items()]
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert in its place
     after: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert after it
@@ -121,15 +121,18 @@ def per_token_activations(model: onnx.ModelProto) -> int:
             continue
         x, (q, scale, zero) = n.input[0], n.output
         t = f"{q}.per_token."
+        # q = trunc(x * inv + (0.5 - lo * inv)) = round((x - lo) / s): three passes over [..., K]
         before[n.name or q] = [
             reduce("ReduceMin", x, t + "lo"), reduce("ReduceMax", x, t + "hi"),
             helper.make_node("Sub", [t + "hi", t + "lo"], [t + "range"], name=t + "range"),
             helper.make_node("Max", [t + "range", "pt.eps"], [t + "range_eps"], name=t + "range_eps"),
             helper.make_node("Div", [t + "range_eps", "pt.c255"], [scale], name=t + "scale"),  # [..., 1]
-            helper.make_node("Sub", [x, t + "lo"], [t + "shifted"], name=t + "shifted"),
-            helper.make_node("Div", [t + "shifted", scale], [t + "scaled"], name=t + "scaled"),
-            helper.make_node("Round", [t + "scaled"], [t + "rounded"], name=t + "rounded"),
-            helper.make_node("Cast", [t + "rounded"], [q], to=TensorProto.UINT8, name=t + "q"),
+            helper.make_node("Div", ["pt.c255", t + "range_eps"], [t + "inv"], name=t + "inv"),
+            helper.make_node("Mul", [t + "lo", t + "inv"], [t + "lo_inv"], name=t + "lo_inv"),
+            helper.make_node("Sub", ["pt.half", t + "lo_inv"], [t + "bias"], name=t + "bias"),
+            helper.make_node("Mul", [x, t + "inv"], [t + "scaled"], name=t + "scaled"),
+            helper.make_node("Add", [t + "scaled", t + "bias"], [t + "biased"], name=t + "biased"),
+            helper.make_node("Cast", [t + "biased"], [q], to=TensorProto.UINT8, name=t + "q"),  # >= 0: trunc
             helper.make_node("Identity", ["pt.z0"], [zero], name=t + "zero_point"),
         ]
         for mm in [c for c in consumers.get(q, []) if c.op_type == "MatMulInteger"]:
