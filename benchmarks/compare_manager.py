@@ -63,53 +63,35 @@ async def prefix_reuse(m: TransformersModelManager, name: str, repeats: int) -> 
     return {"cold_ttft_s": statistics.median(cold), "second_turn_ttft_s": statistics.median(warm)}
 
 
-def _chat_ids(tok, messages) -> list[int]:
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
-
-def llama_cpp_prefix_reuse(cfg, tok, repeats: int) -> dict | None:
-    """The same two turns on llama-cpp-python (the GGUF file), which keeps the KV of its last sequence and
-    evaluates only the tokens after the common prefix. None when llama-cpp-python or a GGUF is missing."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("  llama.cpp: skipped (pip install llama-cpp-python)", flush=True)
-        return None
-    from tta_engine.ort_session import physical_cores
+def llama_cpp_prefix_reuse(cfg, lm, repeats: int) -> dict | None:
+    """The same two turns, token for token (``lm`` renders them), on llama-cpp-python with the GGUF file:
+    it keeps the KV of its last sequence and evaluates only the tokens after the common prefix.
+    None when llama-cpp-python or a GGUF is missing."""
+    from tta_engine.bench.engines import EngineUnavailable, LlamaCppLM
     from tta_engine.sources import resolve_source
 
     src = resolve_source(cfg)
     if not src.gguf_file:
         return None
-    llm = Llama(model_path=str(src.directory / src.gguf_file), n_ctx=2048, n_threads=physical_cores(),
-                n_threads_batch=physical_cores(), n_batch=512, verbose=False)
-
-    def ttft_and_reply(ids: list[int]) -> tuple[float, list[int]]:
-        t0, out, first = time.perf_counter(), [], 0.0
-        # reset=True: llama-cpp-python keeps the longest common prefix of its KV and evaluates the rest
-        for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            first = first or time.perf_counter() - t0
-            out.append(int(t))
-            if len(out) >= 16 or t == llm.token_eos():
-                break
-        return first, out
-
+    engine = LlamaCppLM({"key": "llama.cpp", "path": str(src.directory / src.gguf_file), "n_ctx": 2048})
+    try:
+        engine.load()
+    except EngineUnavailable as exc:
+        print(f"  llama.cpp: skipped ({exc})", flush=True)
+        return None
     system = {"role": "system", "content": WORLD * 5}
     cold, warm = [], []
     for r in range(repeats):
         sys_r = {"role": "system", "content": f"Session {r}. " + system["content"]}
         turn1 = [sys_r, {"role": "user", "content": "I walk towards the mill."}]
-        llm.reset()  # cold: nothing kept
-        ids1 = _chat_ids(tok, turn1)
-        t1, reply = ttft_and_reply(ids1)
-        turn2 = turn1 + [{"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)},
+        engine.llm.reset()  # cold: nothing kept
+        first = engine.generate(lm.encode_prompt(turn1), 16, stop_at_eos=True)
+        turn2 = turn1 + [{"role": "assistant", "content": lm.tokenizer.decode(first.token_ids, skip_special_tokens=True)},
                          {"role": "user", "content": "I open the door of the mill."}]
-        ids2 = _chat_ids(tok, turn2)
-        t2, _ = ttft_and_reply(ids2)  # reuses the KV of turn 1 (prompt and reply)
-        cold.append(t1)
-        warm.append(t2)
-    llm.close()
+        second = engine.generate(lm.encode_prompt(turn2), 16, stop_at_eos=True)  # reuses turn 1's KV
+        cold.append(first.ttft_s)
+        warm.append(second.ttft_s)
+    engine.llm.close()
     return {"cold_ttft_s": statistics.median(cold), "second_turn_ttft_s": statistics.median(warm)}
 
 
@@ -155,7 +137,7 @@ def main(argv=None) -> dict:
         pref = await prefix_reuse(m, cfg.name, args.repeats)
         if args.llama_cpp:
             print("prefix reuse, llama-cpp-python", flush=True)
-            pref_llama = llama_cpp_prefix_reuse(cfg, m.load_model(cfg.name)[1], args.repeats)
+            pref_llama = llama_cpp_prefix_reuse(cfg, m.load_model(cfg.name)[0], args.repeats)
             if pref_llama:
                 pref["llama_cpp"] = pref_llama
         print("manager overhead", flush=True)

@@ -301,7 +301,7 @@ class BatchScheduler:
             view = self._view(0, n)
             tokens = np.array([[r.last_token] for r in self.active], dtype=np.int64)
             wide = bool(self.wide_step_rows) and n >= self.wide_step_rows
-            logits = self.backend.forward(view, tokens, prefill_graph=True) if wide else self.backend.forward(view, tokens)
+            logits = self.backend.forward(view, tokens, prefill_graph=wide)  # fused: always an OrtDecoder
             self.big.lengths[:n] = view.lengths
             for req, row_logits in zip(list(self.active), logits, strict=True):
                 self._take(req, row_logits)

@@ -110,9 +110,11 @@ def per_token_activations(model: onnx.ModelProto) -> int:
             return helper.make_node(op, [x, "pt.axes"], [out], keepdims=1, name=out)
         return helper.make_node(op, [x], [out], keepdims=1, axes=[-1], name=out)
 
-    new_inits = [numpy_helper.from_array(v, k) for k, v in {
-        "pt.eps": np.array(1e-10, np.float32), "pt.c255": np.array(255, np.float32), "pt.half": np.array(0.5, np.float32),
-        "pt.z0": np.array(0, np.uint8), "pt.axes": np.array([-1], np.int64)}.items()]
+    consts = {"pt.eps": np.array(1e-10, np.float32), "pt.c255": np.array(255, np.float32),
+              "pt.half": np.array(0.5, np.float32), "pt.z0": np.array(0, np.uint8)}
+    if opset >= 18:  # ReduceMin/Max take their axes as an input
+        consts["pt.axes"] = np.array([-1], np.int64)
+    new_inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert in its place
     after: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert after it
     count = 0
@@ -133,8 +135,11 @@ def per_token_activations(model: onnx.ModelProto) -> int:
             helper.make_node("Mul", [x, t + "inv"], [t + "scaled"], name=t + "scaled"),
             helper.make_node("Add", [t + "scaled", t + "bias"], [t + "biased"], name=t + "biased"),
             helper.make_node("Cast", [t + "biased"], [q], to=TensorProto.UINT8, name=t + "q"),  # >= 0: trunc
-            helper.make_node("Identity", ["pt.z0"], [zero], name=t + "zero_point"),
         ]
+        for c in consumers.get(zero, []):  # activation zero point 0: read the constant, no node per step
+            for k, name in enumerate(c.input):
+                if name == zero:
+                    c.input[k] = "pt.z0"
         for mm in [c for c in consumers.get(q, []) if c.op_type == "MatMulInteger"]:
             cast = consumers[mm.output[0]][0]
             rescale = consumers[cast.output[0]][0]  # Mul(cast, scale * w_scale)

@@ -232,23 +232,15 @@ def test_wide_decode_steps_run_on_the_prefill_graph(artifacts, tiny_configs):
     from tta_engine.scheduler import END, BatchScheduler
 
     lm = open_artifact_lm(artifacts.get("tiny-llama", "int4"), tiny_configs["tiny-llama"])
-    dec, seen = lm.backend, []
+    dec, sessions, shapes = lm.backend, [], []
+    for label, sess in (("prefill", dec.prefill_session), ("decode", dec.session)):
+        real = sess.run_with_iobinding
+        sess.run_with_iobinding = lambda io, _r=real, _l=label: (sessions.append(_l), _r(io))[1]
     real_forward = dec._forward_fused
-
-    def forward(cache, ids, new_lengths, prefill_graph=False):
-        for label, sess in (("prefill", dec.prefill_session), ("decode", dec.session)):
-            real = sess.run_with_iobinding
-            sess.run_with_iobinding = lambda io, _r=real, _l=label, _s=sess: (
-                seen.append((_l, ids.shape)), setattr(_s, "run_with_iobinding", _r), _r(io))[2]
-        try:
-            return real_forward(cache, ids, new_lengths, prefill_graph)
-        finally:
-            for sess in (dec.prefill_session, dec.session):
-                sess.__dict__.pop("run_with_iobinding", None)
-
-    dec._forward_fused = forward
+    dec._forward_fused = lambda cache, ids, *a: (shapes.append(ids.shape), real_forward(cache, ids, *a))[1]
     for rows, expect_wide in ((2, True), (0, False)):
-        seen.clear()
+        sessions.clear()
+        shapes.clear()
         sched = BatchScheduler(lm, max_batch=4, wide_step_rows=rows)
         done = [threading.Event(), threading.Event()]
         params = SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0.0)
@@ -257,7 +249,7 @@ def test_wide_decode_steps_run_on_the_prefill_graph(artifacts, tiny_configs):
                 sched.submit([5 + i, 6, 7, 8], params, lambda item, e=done[i]: item is END and e.set())
         assert all(e.wait(30) for e in done)
         sched.close()
-        two_row_steps = {label for label, shape in seen if shape == (2, 1)}
+        two_row_steps = {label for label, shape in zip(sessions, shapes, strict=True) if shape == (2, 1)}
         assert two_row_steps == ({"prefill"} if expect_wide else {"decode"})
     lm.close()
 

@@ -245,13 +245,18 @@ class LlamaCppLM(LMEngine):
 
     def run(self, ids, new_tokens):
         self.llm.reset()  # no KV reuse across runs: every run prefills the whole prompt
+        return self.generate(ids, new_tokens)
+
+    def generate(self, ids, new_tokens: int, *, stop_at_eos: bool = False) -> RunSample:
+        """Greedy tokens for ``ids``. llama-cpp-python keeps the KV of the longest common prefix with
+        its previous sequence and evaluates only the rest (call ``llm.reset()`` first for a cold run)."""
         times, toks = [], []
         t0 = time.perf_counter()
         for tok in self.llm.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
                                      reset=True):
             times.append(time.perf_counter())
             toks.append(int(tok))
-            if len(toks) >= new_tokens:
+            if len(toks) >= new_tokens or (stop_at_eos and tok == self.llm.token_eos()):
                 break
         return _timed_sample(ids, t0, times, toks)
 
