@@ -228,7 +228,7 @@ class BatchScheduler:
 
     def _prefill_row(self, req: Request, row: int) -> np.ndarray:
         prompt, big = req.prompt_ids, self.big
-        big.ensure_capacity(len(prompt) + req.params.max_new_tokens)
+        big.ensure_capacity(len(prompt) + req.params.max_new_tokens, keep=self._rows_in_use())
         reuse, source = self._best_prefix(prompt, row) if self.reuse else (0, None)
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is always run, for its logits
         if reuse < self.prefix.min_tokens:
@@ -282,6 +282,12 @@ class BatchScheduler:
                 return req.prompt_ids[:n] + req.state.tokens[: max(n - len(req.prompt_ids), 0)]
         return None
 
+    def _rows_in_use(self) -> dict[int, int]:
+        """{row: valid KV positions} of the rows whose KV matters: decoding and resident rows."""
+        rows = {r: len(t) for r, t in enumerate(self.resident) if t}
+        rows.update((r, int(self.big.lengths[r])) for r in range(len(self.active)) if self.big.lengths[r])
+        return rows
+
     def _view(self, start: int, stop: int) -> _RowsView:
         key = (self.big.keys[0].ctypes.data, self.big.capacity)
         if key != self._views_key:  # buffers grew: old views point at freed memory
@@ -297,7 +303,7 @@ class BatchScheduler:
         if self.fused:
             n = len(self.active)
             need = int(self.big.lengths[:n].max()) + 1
-            self.big.ensure_capacity(need)
+            self.big.ensure_capacity(need, keep=self._rows_in_use())
             view = self._view(0, n)
             tokens = np.array([[r.last_token] for r in self.active], dtype=np.int64)
             wide = bool(self.wide_step_rows) and n >= self.wide_step_rows

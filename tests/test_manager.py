@@ -297,3 +297,40 @@ def test_torch_backend_behind_the_same_manager(tiny_configs, tmp_path):
         assert len({tuple(o["token_ids"]) for o in outs}) == 1 and m.stats()["tiny-gemma3"]["backend"] == "torch"
     finally:
         m.close()
+
+
+def test_batch_cache_growth_mid_conversation_keeps_outputs(artifacts, tiny_configs):
+    """A scheduler whose shared KV buffer must grow (capacity 32) while rows decode and a finished row
+    stays resident: every reply equals the one from a scheduler that never grows and never reuses."""
+    import threading
+
+    from tta_engine.runtime import open_artifact_lm
+    from tta_engine.sampling import SamplingParams
+    from tta_engine.scheduler import END, BatchScheduler
+
+    lm = open_artifact_lm(artifacts.get("tiny-llama", "fp32"), tiny_configs["tiny-llama"])
+    # sampled with a fixed seed: equal only if every logit is (greedy on a tiny random model repeats one token)
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=1.0, seed=7)
+
+    def serve(sched, prompts):
+        """Token ids of each reply, requests admitted together."""
+        done = [threading.Event() for _ in prompts]
+        with sched.cond:
+            reqs = [sched.submit(p, params, lambda item, e=e: item is END and e.set())
+                    for p, e in zip(prompts, done, strict=True)]
+        assert all(e.wait(30) for e in done)
+        return [list(r.state.tokens) for r in reqs]
+
+    turn1 = [list(range(5, 25)), list(range(30, 70))]  # the second one grows the buffer under the first
+    grow = BatchScheduler(lm, max_batch=4, initial_capacity=32)
+    ref = BatchScheduler(lm, max_batch=4, initial_capacity=256, prefix_cache_entries=0)
+    try:
+        first = serve(grow, turn1)
+        assert first == serve(ref, turn1)
+        turn2 = [turn1[1] + first[1] + list(range(80, 100))]  # the conversation goes on; grows again
+        assert serve(grow, turn2) == serve(ref, turn2)
+        assert grow.big.capacity > 32 and grow.prefix.hits >= 1
+    finally:
+        grow.close()
+        ref.close()
+        lm.close()

@@ -52,3 +52,20 @@ def test_stored_prefix_of_a_longer_entry_is_not_duplicated():
     cache.store(list(range(7)), big, row=0)  # covered by the longer one: not stored
     assert list(cache.entries) == [tuple(range(12))]
     assert cache.store(list(range(1)), big, row=0) is None and len(cache.entries) == 1  # under min_tokens
+
+
+def test_growing_a_batch_cache_keeps_the_rows_in_use():
+    from tta_engine.ort_decoder import FusedKVCache
+
+    c = FusedKVCache(num_layers=2, batch=4, kv_heads=1, head_dim=4, capacity=8, max_capacity=64)
+    for b in c.keys + c.values:
+        b[:] = np.arange(4 * 8, dtype=np.float32).reshape(4, 1, 8, 1)
+    before = [b.copy() for b in c.keys + c.values]
+    c.ensure_capacity(12, keep={0: 5, 2: 8})
+    assert c.capacity == 16
+    for old, new in zip(before, c.keys + c.values, strict=True):
+        np.testing.assert_array_equal(new[0, :, :5], old[0, :, :5])
+        np.testing.assert_array_equal(new[2, :, :8], old[2, :, :8])
+        assert not new[1].any() and not new[0, :, 5:].any()  # not copied: nothing there to keep
+    c.ensure_capacity(20)  # default: everything
+    np.testing.assert_array_equal(c.keys[0][2, :, :8], before[0][2, :, :8])
