@@ -335,6 +335,8 @@ class TransformersModelManager:
                 d["loaded"] = entry is not None
                 if entry is not None:
                     d.update(backend=entry.backend, size_bytes=entry.size_bytes, in_flight=entry.in_flight)
+                    if entry.scheduler is not None:  # batched decode steps so far (one per step, all rows)
+                        d["scheduler_steps"] = entry.scheduler.steps
                     if entry.scheduler is not None and entry.scheduler.prefix is not None:
                         p = entry.scheduler.prefix
                         d.update(prefix_cache_hits=p.hits, prefix_cache_misses=p.misses)
