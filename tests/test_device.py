@@ -197,3 +197,22 @@ def test_scheduler_on_the_device_resident_path_equals_host_path(artifacts, tiny_
     resident, resident_hits = run(True)
     assert resident == host
     assert host_hits == resident_hits and host_hits > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_torch_static_cache_equals_dynamic_cache(tiny_configs, arch):
+    """The PyTorch fallback's static KV cache (its default on a GPU) runs on the CPU here."""
+    from tta_engine.runtime import open_torch_lm
+    from tta_engine.torch_backend import TorchDecoder
+
+    cfg = tiny_configs[f"tiny-{arch}"]
+    lm = open_torch_lm(cfg, device="cpu")
+    assert lm.device == "cpu" and not lm.backend.static_cache  # CPU default: dynamic, as before
+    msgs = [{"role": "user", "content": "The lantern flickers."}]
+    dynamic = lm.generate(msgs, temperature=0, max_new_tokens=24, min_new_tokens=24)["token_ids"]
+    lm.backend = TorchDecoder(lm.backend.model, lm.backend.context_length, static_cache=True)
+    cache = lm.backend.new_cache(1, 40)
+    assert cache.capacity == 40
+    static = lm.generate(msgs, temperature=0, max_new_tokens=24, min_new_tokens=24)["token_ids"]
+    assert static == dynamic
+    lm.close()
