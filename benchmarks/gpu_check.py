@@ -256,8 +256,11 @@ def bench_decoders(run: Run, model_dir: Path, arts: dict, vocab: int, device: st
     engines = []
     if _on(device, "onnx"):
         for precision, art in arts.items():
-            engines.append((f"tta-ort-{device}-{precision}", lambda art=art: OrtDecoder(
-                art.file("model.onnx"), art.manifest["decoder"], device=device)))
+            for graph in (False, True):  # decode steps as captured CUDA graphs (static mode on a CPU)
+                engines.append((f"tta-ort-{device}-{precision}" + ("-cudagraph" if graph else ""),
+                                lambda art=art, graph=graph: OrtDecoder(
+                                    art.file("model.onnx"), art.manifest["decoder"], device=device,
+                                    cuda_graph=graph, static_decode=graph)))
     if _on(device, "torch"):
         from tta_engine.config import model_config_from_dict
         from tta_engine.runtime import open_torch_lm

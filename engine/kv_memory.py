@@ -50,6 +50,9 @@ class HostMemory:
     def from_ortvalue(value) -> np.ndarray:
         return value.numpy()
 
+    def sync(self) -> None:
+        """Nothing: numpy writes are done when they return."""
+
 
 class OrtValueMemory:
     """Buffers allocated by ONNX Runtime on ``device`` and viewed through PyTorch (no copies)."""
@@ -89,6 +92,12 @@ class OrtValueMemory:
 
     def from_ortvalue(self, value):
         return self.torch.from_dlpack(value)
+
+    def sync(self) -> None:
+        """Wait for PyTorch's row operations (queued on torch's CUDA stream) before ONNX Runtime, on its
+        own stream, reads the buffers. (ORT's run returns after its own stream is done.)"""
+        if self.device.is_cuda:
+            self.torch.cuda.current_stream(self.device.index).synchronize()
 
 
 def kv_memory(device: Device, *, device_resident: bool | None = None):

@@ -14,6 +14,7 @@ the interface the generator (engine/generator.py) is written against; the PyTorc
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,10 @@ class FusedKVCache:
         self.keys, self.values = [], []
         self.__dict__.pop("_io", None)
         self.__dict__.pop("_io_buffers", None)
+        for session, graph_id in self.__dict__.pop("_graphs", ()):  # CUDA graphs captured on these buffers
+            release = getattr(session, "release_captured_graph", None)  # onnxruntime >= 1.23
+            if release is not None:
+                release(graph_id)
 
 
 class OptimumKVCache:
@@ -111,13 +116,27 @@ class OrtDecoder:
     """A compiled causal LM: ONNX Runtime session plus the IO layout read from the session itself."""
 
     def __init__(self, model_path: Path, decoder_meta: dict[str, Any], *, threads: int | None = None,
-                 device: str | Device = "auto", device_resident: bool | None = None):
+                 device: str | Device = "auto", device_resident: bool | None = None, cuda_graph: bool = False,
+                 static_decode: bool | None = None):
         """``device``: 'auto' | 'cpu' | 'cuda' | 'cuda:N' or a resolved Device. The KV cache, the logits and
         Optimum's present tensors are bound to that device; ``device_resident=True`` uses the device
-        memory path (ORT-allocated buffers) on the CPU as well, which is how CPU tests exercise it."""
+        memory path (ORT-allocated buffers) on the CPU as well, which is how CPU tests exercise it.
+
+        ``cuda_graph`` (fused graph on CUDA; off by default, not yet measured on a GPU): decode steps are
+        captured as CUDA graphs by ONNX Runtime (``enable_cuda_graph``) and replayed. A replay reuses the
+        captured addresses and shapes, so decode steps then run in *static* mode (``static_decode``,
+        which also runs on the CPU for tests): the KV cache is allocated for the whole context once
+        (never grows or moves), each (cache, rows) view has its own IO binding with fixed input
+        OrtValues that are updated in place, ``total_sequence_length`` is the constant capacity (GQA
+        reads it on the host; per-row lengths come from ``seqlens_k`` on the device), and each binding
+        replays its own graph (``gpu_graph_id``). Prompts (several tokens) run uncaptured (id -1)."""
         self.device = resolve_device(device, "onnx")
         self.memory = kv_memory(self.device, device_resident=device_resident)
-        self.session = create_session(model_path, threads=threads, device=self.device)
+        self.cuda_graph = bool(cuda_graph) and self.device.is_cuda and decoder_meta["graph"] == "fused"
+        self.static_decode = decoder_meta["graph"] == "fused" and (
+            self.cuda_graph if static_decode is None else bool(static_decode))
+        self._graph_ids = itertools.count(1)
+        self.session = create_session(model_path, threads=threads, device=self.device, cuda_graph=self.cuda_graph)
         # Optional second graph for prompts (same IO and KV layout, other kernels: e.g. int8 on AMX/VNNI
         # prefills several times faster than int4 MatMulNBits, while int4 decodes faster).
         prefill = decoder_meta.get("prefill")
@@ -146,6 +165,8 @@ class OrtDecoder:
     # -- caches -------------------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, capacity: int = 256):
         if self.layout == "fused":
+            if self.static_decode:  # fixed addresses for the whole life of the cache
+                capacity = self.context_length
             return FusedKVCache(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.context_length,
                                 dtype=self.kv_dtype, memory=self.memory)
         return OptimumKVCache(self.past_names, batch, self.kv_heads, self.head_dim, self.kv_dtype,
@@ -176,16 +197,57 @@ class OrtDecoder:
         cache.ensure_capacity(int(new_lengths.max()))
         wide = prefill_graph or ids.shape[1] >= self.prefill_min_tokens
         session = self.prefill_session if wide and self.prefill_session is not None else self.session
+        if self.static_decode and ids.shape[1] == 1 and session is self.session:
+            return self._static_step(cache, ids, new_lengths)
         io, logits = self._kv_binding(cache, session)
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("seqlens_k", (new_lengths - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(new_lengths.max(), dtype=np.int32))
-        session.run_with_iobinding(io)
+        cache.memory.sync()
+        session.run_with_iobinding(io, self._uncaptured if self.cuda_graph and session is self.session else None)
         if logits is None:
             logits = self.memory.from_ortvalue(io.get_outputs()[0])
         return logits  # the binding's buffer, reused by the next step: forward copies it to the host
 
-    def _kv_binding(self, cache, session):
+    def _static_step(self, cache, ids: np.ndarray, new_lengths: np.ndarray):
+        """One decode step on a binding whose every address is fixed (see ``cuda_graph``)."""
+        import onnxruntime as ort
+
+        io, logits = self._kv_binding(cache, self.session, static=True)
+        if not hasattr(io, "tta_inputs"):
+            dev, dev_id = cache.memory.ort_device
+            rows = ids.shape[0]
+            io.tta_inputs = (ort.OrtValue.ortvalue_from_shape_and_type([rows, 1], np.int64, dev, dev_id),
+                             ort.OrtValue.ortvalue_from_shape_and_type([rows], np.int32, dev, dev_id),
+                             ort.OrtValue.ortvalue_from_numpy(np.array(cache.capacity, dtype=np.int32)))
+            for name, value in zip(("input_ids", "seqlens_k", "total_sequence_length"), io.tta_inputs, strict=True):
+                io.bind_ortvalue_input(name, value)
+            io.tta_run_options = None
+            if self.cuda_graph:
+                graph_id = next(self._graph_ids)
+                io.tta_run_options = ort.RunOptions()
+                io.tta_run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+                owner = getattr(cache, "owner", cache)  # a scheduler's row view: the batch cache it views
+                owner.__dict__.setdefault("_graphs", []).append((self.session, graph_id))
+        ids_value, seqlens_value, _ = io.tta_inputs
+        ids_value.update_inplace(ids)
+        seqlens_value.update_inplace((new_lengths - 1).astype(np.int32))
+        cache.memory.sync()
+        self.session.run_with_iobinding(io, io.tta_run_options)
+        return logits if logits is not None else self.memory.from_ortvalue(io.get_outputs()[0])
+
+    @property
+    def _uncaptured(self):
+        """Run options for a run that must not be captured (or replayed) as a CUDA graph."""
+        import onnxruntime as ort
+
+        opts = self.__dict__.get("_uncaptured_opts")
+        if opts is None:
+            opts = self._uncaptured_opts = ort.RunOptions()
+            opts.add_run_config_entry("gpu_graph_id", "-1")
+        return opts
+
+    def _kv_binding(self, cache, session, static: bool = False):
         """An IO binding with every layer's K/V buffer bound as past and present (shared, in place), and
         the logits bound to a preallocated buffer when the graph emits the last position only -- all on
         the cache's device. Kept on the cache per session and rebuilt only when the buffers move
@@ -195,7 +257,7 @@ class OrtDecoder:
         if cache.__dict__.get("_io_buffers") != buffers:  # new cache, or its buffers moved (growth)
             cache._io, cache._io_buffers = {}, buffers
         bindings = cache._io
-        key = id(session)
+        key = (id(session), static)
         if key in bindings:
             return bindings[key]
         io = session.io_binding()

@@ -59,7 +59,7 @@ class _RowsView:
     kept per row range (``_views``), so the IO binding OrtDecoder caches on them survives between steps."""
 
     def __init__(self, big, start: int, stop: int):
-        self.memory = big.memory  # where the buffers live (the binding binds the views there)
+        self.memory, self.owner = big.memory, big  # where the buffers live; whose they are
         self.keys = [k[start:stop] for k in big.keys]
         self.values = [v[start:stop] for v in big.values]
         self.lengths = big.lengths[start:stop].copy()

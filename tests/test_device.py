@@ -127,11 +127,17 @@ def _greedy(dec: OrtDecoder, prompt: np.ndarray, steps: int, capacity: int = 4) 
     return tokens, rows
 
 
-@pytest.mark.parametrize("arch,graph", [("llama", "auto"), ("qwen2", "auto"), ("llama", "optimum")])
-def test_device_resident_path_equals_host_path_token_for_token(artifacts, arch, graph):
+@pytest.mark.parametrize("arch,graph,static", [("llama", "auto", False), ("qwen2", "auto", False),
+                                               ("llama", "optimum", False), ("llama", "auto", True),
+                                               ("gemma3", "auto", True)])
+def test_device_resident_path_equals_host_path_token_for_token(artifacts, arch, graph, static):
+    """``static``: decode steps on fixed-address bindings with inputs updated in place, the cache at full
+    context and a constant total_sequence_length -- what a CUDA graph replays (``cuda_graph=True``)."""
     art = artifacts.get(f"tiny-{arch}", "fp32", graph)
     host = OrtDecoder(art.file("model.onnx"), art.manifest["decoder"], device="cpu")
-    resident = OrtDecoder(art.file("model.onnx"), art.manifest["decoder"], device="cpu", device_resident=True)
+    resident = OrtDecoder(art.file("model.onnx"), art.manifest["decoder"], device="cpu", device_resident=True,
+                          static_decode=static)
+    assert resident.static_decode == static and not resident.cuda_graph
     assert isinstance(host.memory, HostMemory) and isinstance(resident.memory, OrtValueMemory)
     prompt = np.random.default_rng(1).integers(3, art.manifest["decoder"]["vocab_size"], size=11)
     want, want_rows = _greedy(host, prompt, 32)
@@ -156,7 +162,8 @@ def test_device_resident_cache_is_ort_memory_and_grows_in_place(artifacts):
     assert not np.any(dec.memory.to_host(cache.keys[0][:, :, 5:]))
 
 
-def test_scheduler_on_the_device_resident_path_equals_host_path(artifacts, tiny_configs):
+@pytest.mark.parametrize("static", [False, True])
+def test_scheduler_on_the_device_resident_path_equals_host_path(artifacts, tiny_configs, static):
     """Batched decode with row packing and prefix reuse (row copies, stored copies) on ORT memory."""
     from tta_engine.runtime import open_artifact_lm
     from tta_engine.scheduler import END, BatchScheduler
@@ -169,7 +176,7 @@ def test_scheduler_on_the_device_resident_path_equals_host_path(artifacts, tiny_
         lm = open_artifact_lm(art, cfg, device="cpu")
         if resident:
             lm.backend = OrtDecoder(art.file("model.onnx"), art.manifest["decoder"], device="cpu",
-                                    device_resident=True)
+                                    device_resident=True, static_decode=static)
         sched = BatchScheduler(lm, max_batch=3, initial_capacity=8, prefix_cache_entries=4)
         outs = []
 

@@ -86,6 +86,27 @@ def test_ort_cuda_fp16_top1_agrees_with_cpu_fp32(artifacts, arch):
 
 
 @needs_ort
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ort_cuda_graph_decode_equals_uncaptured_decode(artifacts, precision):
+    """Decode steps captured and replayed as CUDA graphs give the uncaptured path's tokens, request after
+    request (each request's cache gets its own graph, released when the cache closes)."""
+    from tta_engine.ort_decoder import OrtDecoder
+
+    art = artifacts.get("tiny-llama", precision)
+    meta = art.manifest["decoder"]
+    plain = OrtDecoder(art.file("model.onnx"), meta, device="cuda")
+    graph = OrtDecoder(art.file("model.onnx"), meta, device="cuda", cuda_graph=True)
+    assert graph.cuda_graph and graph.static_decode
+    rng = np.random.default_rng(8)
+    for size in (9, 23):
+        prompt = rng.integers(3, meta["vocab_size"], size=size)
+        want, want_rows = _greedy(plain, prompt)
+        got, got_rows = _greedy(graph, prompt)
+        assert got == want
+        np.testing.assert_allclose(got_rows, want_rows, atol=2e-3, rtol=2e-3)
+
+
+@needs_ort
 def test_batched_scheduler_on_cuda_equals_cpu(artifacts, tiny_configs):
     """Row packing, prefix reuse and KV growth on device memory give the CPU's tokens."""
     from tta_engine.runtime import open_artifact_lm
