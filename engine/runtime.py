@@ -19,23 +19,14 @@ from typing import Any
 
 from .artifact import Artifact, artifact_dir, load_artifact
 from .config import ModelConfig
-from .errors import ArtifactError, EmptyInputError
+from .errors import ArtifactError, InvalidInputError
 from .generator import Completion, GenerationState, generate, generate_events
+from .inputs import check_prompt
 from .sampling import SamplingParams, params_from_kwargs
 
 log = logging.getLogger(__name__)
 Messages = Sequence[dict[str, str]]
 _DONE = object()
-
-
-def _message_dicts(messages) -> list[dict[str, str]]:
-    out = []
-    for m in messages:
-        if isinstance(m, dict):
-            out.append({"role": m["role"], "content": m["content"]})
-        else:  # the game's Message(role, content) objects
-            out.append({"role": m.role, "content": m.content})
-    return out
 
 
 class LanguageModel:
@@ -53,18 +44,20 @@ class LanguageModel:
 
     # -- prompts ------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Messages) -> list[int]:
-        """A string is used as raw text; a list of messages is rendered with the model's chat template."""
+        """A string is used as raw text; a list of messages is rendered with the model's chat template.
+        Invalid prompts raise InvalidInputError / EmptyInputError (engine/inputs.py)."""
+        prompt = check_prompt(prompt)
         if isinstance(prompt, str):
-            if not prompt:
-                raise EmptyInputError("the prompt is empty: pass some text or a list of messages")
             return list(self.tokenizer(prompt)["input_ids"])
-        messages = _message_dicts(prompt)
-        if not messages:
-            raise EmptyInputError("the message list is empty: pass at least one {'role', 'content'} message")
         if not getattr(self.tokenizer, "chat_template", None):
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
             return list(self.tokenizer(text)["input_ids"])
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:  # the template's own checks (e.g. roles must alternate)
+            raise InvalidInputError(f"the chat template of {self.name} refuses these messages: {exc}") from exc
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
     def params(self, **kwargs: Any) -> SamplingParams:
