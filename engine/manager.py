@@ -39,6 +39,7 @@ class ModelStats:
     requests: int = 0
     completed: int = 0
     cancelled: int = 0
+    failed: int = 0  # ended by an error (e.g. ModelUnloadedError): neither completed nor cancelled
     prompt_tokens: int = 0
     completion_tokens: int = 0
     decode_seconds: float = 0.0
@@ -294,7 +295,7 @@ class TransformersModelManager:
             req = entry.scheduler.submit(ids, params, emit, st)
             stats = self._stats[entry.name]
             stats.requests += 1
-            finished = False
+            finished = failed = False
             try:
                 while True:
                     item = await queue.get()
@@ -302,15 +303,19 @@ class TransformersModelManager:
                         finished = True
                         break
                     if isinstance(item, BaseException):
+                        failed = True
                         raise item
                     yield item
             finally:
                 req.cancel()  # no-op when finished; otherwise the scheduler drops the row at its next step
-                self._record(stats, st, req, finished)
+                self._record(stats, st, req, finished, failed)
         finally:
             self._release(entry)
 
-    def _record(self, stats: ModelStats, st: GenerationState, req, finished: bool) -> None:
+    def _record(self, stats: ModelStats, st: GenerationState, req, finished: bool, failed: bool = False) -> None:
+        if failed:
+            stats.failed += 1
+            return
         if not finished or st.finish_reason == "cancelled":
             stats.cancelled += 1
             return
