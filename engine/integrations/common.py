@@ -45,6 +45,14 @@ def default_manager():
         return _manager
 
 
+def set_default_manager(manager) -> None:
+    """Make ``manager`` the one integration objects use when they were not given one (e.g. the game's own
+    manager, shared with spaCy components, which are built from config values)."""
+    global _manager
+    with _lock:
+        _manager = manager
+
+
 def background_loop() -> asyncio.AbstractEventLoop:
     """A daemon thread running an event loop (started on first use) for the synchronous entry points."""
     global _loop
