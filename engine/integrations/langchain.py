@@ -228,7 +228,9 @@ class ChatTTAEngine(BaseChatModel):
                 from ..structured import tool_call_format
 
                 parse_tools = _tool_schemas(chosen)
-                call["response_format"] = tool_call_format(parse_tools, text_first=not required)
+                call["response_format"] = fmt = tool_call_format(parse_tools, text_first=not required)
+                if not required:  # "auto": free text, optionally followed by one call
+                    fmt["lark"] = fmt["lark"].replace("start: TEXT call\n", "start: TEXT call?\n", 1)
                 msgs = _with_system_hint(msgs, _tools_prompt(chosen))
         elif response_format is not None:
             call["response_format"] = response_format
@@ -352,8 +354,8 @@ class ChatTTAEngine(BaseChatModel):
                 js = convert_to_json_schema(schema)
                 response_format = {"type": "json_schema", "json_schema": {
                     "name": js.get("title", "output"), "schema": js, "strict": strict is not False}}
-            llm = self.bind(response_format=response_format,
-                            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
+            trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}} if schema else {}
+            llm = self.bind(response_format=response_format, **trace)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"method {method!r} is not supported; use 'json_schema', 'function_calling' "
