@@ -15,6 +15,7 @@ import asyncio
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def textcat_accuracy(manager) -> dict:
 
 def workflow_latency(manager, turns: int) -> dict:
     spec = importlib.util.spec_from_file_location("wf", ROOT / "examples" / "langgraph_workflow.py")
-    wf = importlib.util.module_from_spec(spec)
+    wf = sys.modules["wf"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wf)
     graph = wf.build_workflow(manager)
     inputs = ["I can't breathe, everything is too much", "I open the old door"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ SENTENCE = "I'm feeling anxious about my upcoming presentation."
 
 def load_example(name: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # pydantic resolves annotations there
     spec.loader.exec_module(mod)
     return mod
 

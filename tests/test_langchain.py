@@ -233,9 +233,12 @@ def look(target: str) -> str:
     return target
 
 
+GO = [HumanMessage("Go.")]  # short: the tiny model's context is 256 tokens
+
+
 def test_bind_tools_returns_langchain_tool_calls_that_validate():
     model = chat(max_tokens=40).bind_tools([Move, look], tool_choice="any")
-    msg = model.invoke(MSGS)
+    msg = model.invoke(GO)
     assert len(msg.tool_calls) == 1 and msg.response_metadata["finish_reason"] == "tool_calls"
     call = msg.tool_calls[0]
     assert call["type"] == "tool_call" and call["id"]
@@ -243,10 +246,10 @@ def test_bind_tools_returns_langchain_tool_calls_that_validate():
         Move.model_validate(call["args"])
     else:
         assert call["name"] == "look" and isinstance(call["args"]["target"], str)
-    forced = chat(max_tokens=40).bind_tools([Move, look], tool_choice="Move").invoke(MSGS)
+    forced = chat(max_tokens=40).bind_tools([Move, look], tool_choice="Move").invoke(GO)
     assert forced.tool_calls[0]["name"] == "Move" and Move.model_validate(forced.tool_calls[0]["args"])
     # streamed: the call arrives as tool_call_chunks that aggregate to the same call
-    chunks = list(chat(max_tokens=40).bind_tools([Move, look], tool_choice="Move").stream(MSGS))
+    chunks = list(chat(max_tokens=40).bind_tools([Move, look], tool_choice="Move").stream(GO))
     total = sum(chunks[1:], chunks[0])
     assert [(c["name"], c["args"]) for c in total.tool_calls] == [("Move", forced.tool_calls[0]["args"])]
     with pytest.raises(Exception, match="names no bound tool"):
@@ -254,7 +257,7 @@ def test_bind_tools_returns_langchain_tool_calls_that_validate():
 
 
 def test_tool_choice_auto_allows_text_or_one_valid_call():
-    msg = chat(max_tokens=40).bind_tools([Move], tool_choice="auto").invoke(MSGS)
+    msg = chat(max_tokens=40).bind_tools([Move], tool_choice="auto").invoke(GO)
     assert isinstance(msg, AIMessage)
     for call in msg.tool_calls:
         Move.model_validate(call["args"])

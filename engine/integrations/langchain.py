@@ -121,15 +121,10 @@ def _tool_schemas(tools: Sequence[dict]) -> dict[str, dict]:
 
 
 def _tools_prompt(tools: Sequence[dict]) -> str:
-    import json
-
-    lines = ["You can call one of these tools:"]
-    for t in tools:
-        f = t["function"]
-        lines.append(f"- {f['name']}: {f.get('description', '')} parameters: "
-                     f"{json.dumps(f.get('parameters', {}), ensure_ascii=False)}")
-    lines.append("To call a tool reply <tool>NAME</tool><parameters>{JSON arguments}</parameters>.")
-    return "\n".join(lines)
+    """A short hint naming the tools (the grammar enforces names and parameters, so no schemas here)."""
+    listed = "; ".join(f"{t['function']['name']}({', '.join((t['function'].get('parameters') or {}).get('properties', {}))})"
+                       f": {t['function'].get('description', '').rstrip('.')}".strip() for t in tools)
+    return f"Tools: {listed}. Call one as <tool>NAME</tool><parameters>{{JSON}}</parameters>."
 
 
 def _with_system_hint(messages: list[dict[str, str]], hint: str) -> list[dict[str, str]]:
