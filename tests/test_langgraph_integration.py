@@ -4,6 +4,7 @@ stream_mode="messages", structured extraction into the state."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from typing import Literal
 
 import pytest
@@ -23,6 +24,8 @@ from tta_engine.integrations.langgraph import (  # noqa: E402
 from tta_engine.manager import TransformersModelManager  # noqa: E402
 
 LM, EMB = "tiny-llama", "tiny-bert"
+needs_structured = pytest.mark.skipif(importlib.util.find_spec("tta_engine.structured") is None,
+                                      reason="tta_engine.structured (constrained decoding) is not installed")
 PROTOS = {"distress": ["The lantern flickers as you step into the quiet forest."],
           "explore": ["The river sings over smooth stones under the moon."]}
 
@@ -77,6 +80,7 @@ def test_routes_on_the_nearest_prototype_and_streams_the_narrator(manager):
         assert [m.type for m in state["messages"]] == ["human", "ai"]
 
 
+@needs_structured
 def test_choice_classifier_answers_one_of_the_labels(manager):
     node = classifier_node(["north", "south", "east"], mode="choice", manager=manager, llm_model=LM)
     out = asyncio.run(node({"player_input": "Which way?"}))
@@ -89,8 +93,9 @@ class Scene(BaseModel):
     danger: int
 
 
+@needs_structured
 def test_extraction_node_writes_a_validated_instance(manager):
-    llm = ChatTTAEngine(model=LM, manager=manager, temperature=0, max_tokens=48)
+    llm = ChatTTAEngine(model=LM, manager=manager, temperature=0, max_tokens=120)
     node = extraction_node(llm, Scene)
     out = asyncio.run(node({"narration": "You reach the river."}))
     assert isinstance(out["scene"], Scene)

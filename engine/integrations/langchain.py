@@ -232,7 +232,12 @@ class ChatTTAEngine(BaseChatModel):
         return name, msgs, call, parse_tools
 
     def _message(self, text: str, parse_tools: dict | None, usage: dict, finish: str, name: str,
-                 chunk: bool = False):
+                 chunk: bool = False, constrained: bool = False):
+        if constrained and finish == "length" and (parse_tools is None or "<tool>" in text):
+            from ..errors import StructuredOutputError
+
+            raise StructuredOutputError("the output hit max_tokens before the grammar was complete; raise "
+                                        "max_tokens", raw_text=text)
         meta = {"model_name": name, "model_provider": "tta_engine", "finish_reason": finish}
         usage_md = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
                     "total_tokens": usage["total_tokens"]}
@@ -264,7 +269,8 @@ class ChatTTAEngine(BaseChatModel):
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         name, msgs, call, parse_tools = self._request(messages, stop, kwargs)
         c = await self._bounded(self._manager.complete(msgs, name, **call))
-        msg = self._message(c["text"], parse_tools, c["usage"], c["finish_reason"], name)
+        msg = self._message(c["text"], parse_tools, c["usage"], c["finish_reason"], name,
+                            constrained="response_format" in call)
         return ChatResult(generations=[ChatGeneration(message=msg)])
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -292,7 +298,8 @@ class ChatTTAEngine(BaseChatModel):
         finally:
             await stream.aclose()
         c = state.completion()
-        last = self._message("".join(held), parse_tools, c["usage"], c["finish_reason"], name, chunk=True)
+        last = self._message("".join(held), parse_tools, c["usage"], c["finish_reason"], name, chunk=True,
+                             constrained="response_format" in call)
         yield ChatGenerationChunk(message=last)
 
     # LangChain's stream()/invoke() call on_llm_new_token for every chunk these yield
