@@ -134,7 +134,8 @@ def workflow_latency(manager, turns: int) -> dict:
     spec = importlib.util.spec_from_file_location("wf", ROOT / "examples" / "langgraph_workflow.py")
     wf = sys.modules["wf"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wf)
-    graph = wf.build_workflow(manager)
+    scene = importlib.util.find_spec("tta_engine.structured") is not None  # the scene step needs it
+    graph = wf.build_workflow(manager, scene=scene)
     inputs = ["I can't breathe, everything is too much", "I open the old door"]
 
     async def main():
@@ -148,7 +149,7 @@ def workflow_latency(manager, turns: int) -> dict:
 
     runs = asyncio.run(main())
     lat = [t for t, _ in runs]
-    return {"turns": turns, "p50_s": statistics.median(lat), "min_s": min(lat), "max_s": max(lat),
+    return {"turns": turns, "with_scene_update": scene, "p50_s": statistics.median(lat), "min_s": min(lat), "max_s": max(lat),
             "labels": [e for _, e in runs]}
 
 
@@ -168,7 +169,7 @@ def main() -> None:
     print(f"tta_textcat prototypes: accuracy {res['textcat']['accuracy']:.3f} on {res['textcat']['n']} "
           f"sentences; errors {res['textcat']['errors']}", flush=True)
     res["workflow"] = workflow_latency(manager, args.turns)
-    print(f"workflow turn p50 {res['workflow']['p50_s']:.2f}s (min {res['workflow']['min_s']:.2f}, max "
+    print(f"workflow turn (scene update: {res['workflow']['with_scene_update']}) p50 {res['workflow']['p50_s']:.2f}s (min {res['workflow']['min_s']:.2f}, max "
           f"{res['workflow']['max_s']:.2f}); labels {res['workflow']['labels']}", flush=True)
     manager.close()
     res["pipe"] = pipe_vs_embed(args.sentences)

@@ -14,6 +14,7 @@ import asyncio
 import sys
 from typing import Literal
 
+from langchain_core.messages import AIMessageChunk
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 from tta_engine.integrations.langchain import ChatTTAEngine
@@ -51,8 +52,9 @@ NARRATOR = ("You are the narrator of a gentle fantasy text adventure. Continue t
 
 
 def build_workflow(manager=None, *, chat_model: str = "smollm2-135m-instruct",
-                   embedding_model: str = "all-minilm-l6-v2", max_tokens: int = 64):
-    """The compiled graph. ``manager`` defaults to the process-wide TransformersModelManager."""
+                   embedding_model: str = "all-minilm-l6-v2", max_tokens: int = 64, scene: bool = True):
+    """The compiled graph. ``manager`` defaults to the process-wide TransformersModelManager;
+    ``scene=False`` ends the turn after the narrator (no structured scene update)."""
     llm = ChatTTAEngine(model=chat_model, manager=manager, temperature=0, max_tokens=max_tokens)
     scene_llm = ChatTTAEngine(model=chat_model, manager=manager, temperature=0, max_tokens=96)
     g = StateGraph(GameState)
@@ -60,14 +62,17 @@ def build_workflow(manager=None, *, chat_model: str = "smollm2-135m-instruct",
                                            embedding_model=embedding_model, flag_labels=["panic"]))
     g.add_node("grounding", narrator_node(llm, GROUNDING))
     g.add_node("narrate", narrator_node(llm, NARRATOR))
-    g.add_node("update_scene", extraction_node(scene_llm, Scene, instruction=(
-        "Describe the scene of this passage of a text adventure as JSON: location, mood, summary.")))
     g.add_edge(START, "classify")
     g.add_conditional_edges("classify", route_on("safety_flag", {True: "grounding"}, default="narrate"),
                             ["grounding", "narrate"])
-    g.add_edge("grounding", "update_scene")
-    g.add_edge("narrate", "update_scene")
-    g.add_edge("update_scene", END)
+    last = END
+    if scene:
+        g.add_node("update_scene", extraction_node(scene_llm, Scene, instruction=(
+            "Describe the scene of this passage of a text adventure as JSON: location, mood, summary.")))
+        g.add_edge("update_scene", END)
+        last = "update_scene"
+    g.add_edge("grounding", last)
+    g.add_edge("narrate", last)
     return g.compile()
 
 
@@ -77,7 +82,7 @@ async def play(graph, player_input: str, *, echo: bool = True) -> dict:
     async for mode, item in graph.astream({"player_input": player_input}, stream_mode=["messages", "values"]):
         if mode == "messages":
             chunk, meta = item
-            if echo and meta.get("langgraph_node") in ("grounding", "narrate") and chunk.content:
+            if echo and meta.get("langgraph_node") in ("grounding", "narrate") and isinstance(chunk, AIMessageChunk):
                 print(chunk.content, end="", flush=True)
         else:
             state = item
@@ -92,7 +97,7 @@ async def main(inputs: list[str]) -> None:
         print(f"> {text}")
         state = await play(graph, text)
         print(f"  emotion={state['emotion']} safety_flag={state['safety_flag']}")
-        print(f"  scene={state['scene']!r}\n")
+        print(f"  scene={state.get('scene')!r}\n")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_narrator_streams_through_the_graph_on_the_default_model(manager):
     async def main():
         tokens, final = [], None
         async for mode, item in app.astream({"player_input": ACTION}, stream_mode=["messages", "values"]):
-            if mode == "messages" and item[0].content:
+            if mode == "messages" and item[0].type == "AIMessageChunk" and item[0].content:
                 tokens.append(item[0].content)
             elif mode == "values":
                 final = item

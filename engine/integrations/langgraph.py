@@ -16,7 +16,13 @@ from .common import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, default_manager
 
 require("langgraph", "langchain")
 
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage  # noqa: E402
+from langchain_core.messages import (  # noqa: E402
+    AIMessage,
+    AnyMessage,
+    HumanMessage,
+    SystemMessage,
+    message_chunk_to_message,
+)
 from langgraph.graph.message import add_messages  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
@@ -87,11 +93,12 @@ def narrator_node(chat_model: Any, system_prompt: str, *, input_key: str = "play
 
     async def narrate(state: Mapping[str, Any]) -> dict[str, Any]:
         msgs, added = _history(state, system_prompt, input_key)
-        parts = []
+        full = None
         async for chunk in chat_model.astream(msgs):
-            parts.append(chunk.content if isinstance(chunk.content, str) else "")
-        text = "".join(parts)
-        return {output_key: text, "messages": [*added, AIMessage(text)]}
+            full = chunk if full is None else full + chunk
+        # the state's message keeps the streamed chunks' id, so stream_mode="messages" does not repeat it
+        reply = message_chunk_to_message(full) if full is not None else AIMessage("")
+        return {output_key: reply.text, "messages": [*added, reply]}
 
     return narrate
 
