@@ -106,7 +106,7 @@ class TransformersModelManager:
                  memory_budget_bytes: int | None = None, max_batch: int = 16, max_queue: int = 64,
                  prefix_cache_entries: int = 8, prefix_cache_bytes: int = 256 << 20,
                  embedding_cache_size: int = 4096, threads: int | None = None, backend: str | None = None,
-                 wide_step_rows: int = 0):
+                 wide_step_rows: int = 0, export_on_demand: bool | None = None):
         self.model_configs: dict[str, ModelConfig] = coerce_configs(model_configs)
         self.cache_dir = cache_dir
         self.artifacts_root = artifacts_root
@@ -115,6 +115,8 @@ class TransformersModelManager:
         self.max_batch, self.max_queue, self.prefix_cache_entries = max_batch, max_queue, prefix_cache_entries
         self.prefix_cache_bytes, self.wide_step_rows = prefix_cache_bytes, wide_step_rows
         self.threads, self.backend = threads, backend
+        # None: each config's own export_on_demand (default off); True/False: for every model.
+        self.export_on_demand = export_on_demand
         self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -184,6 +186,9 @@ class TransformersModelManager:
             entry.in_flight -= 1
 
     def _open(self, cfg: ModelConfig) -> _Loaded:
+        on_demand = cfg.export_on_demand if self.export_on_demand is None else self.export_on_demand
+        if on_demand and (self.backend or cfg.backend) != "torch":
+            export_missing(cfg, self.artifacts_root, cache_dir=self.cache_dir)
         if cfg.is_embedding:
             from .embeddings import OrtEncoder, open_encoder
 
@@ -382,6 +387,27 @@ class TransformersModelManager:
                         d.update(prefix_cache_hits=p.hits, prefix_cache_misses=p.misses)
                 out[name] = d
         return out
+
+
+def export_missing(cfg: ModelConfig, artifacts_root: str | Path | None = None, *, cache_dir: str | None = None,
+                   announce: Callable[[str], Any] | None = None) -> bool:
+    """Export ``cfg``'s artifact when none is published (export on demand: the manager's
+    ``export_on_demand`` setting, the CLI's ``--export``), announcing it and each stage with ``announce``
+    (default: a WARNING log line). A damaged artifact is left alone (loading it raises a typed error).
+    Returns whether it exported."""
+    from .artifact import artifact_dir, artifact_present
+
+    path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
+    if artifact_present(path):
+        return False
+    from tta_engine.export.pipeline import ExportOptions, export_model
+
+    say = announce or (lambda line: log.warning("%s", line))
+    say(f"no {cfg.precision} artifact for {cfg.name} at {path}: exporting it now (export on demand; "
+        "this takes a while)")
+    export_model(cfg, ExportOptions(precision=cfg.precision, out_root=path.parents[1], cache_dir=cache_dir),
+                 progress=say)
+    return True
 
 
 def _release_memory() -> None:

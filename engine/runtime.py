@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .artifact import Artifact, artifact_dir, load_artifact
+from .artifact import Artifact, artifact_dir, artifact_present, export_command, load_artifact
 from .config import ModelConfig
 from .errors import ArtifactError, InvalidInputError
 from .generator import Completion, GenerationState, generate, generate_events
@@ -167,21 +167,26 @@ def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None) -> Language
 
 
 def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None = None, backend: str | None = None,
-                        cache_dir: str | None = None, export_if_missing: bool | None = None,
-                        threads: int | None = None) -> LanguageModel:
-    """The compiled artifact when it exists (exporting it first when the config allows), else PyTorch."""
-    backend = backend or cfg.backend
-    path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
-    if backend != "torch":
-        if not (path / "manifest.json").is_file() and (cfg.export_on_demand if export_if_missing is None
-                                                       else export_if_missing):
-            from .export.pipeline import ExportOptions, export_model
+                        cache_dir: str | None = None, threads: int | None = None) -> LanguageModel:
+    """The compiled artifact; with backend "auto" and no artifact published, the PyTorch fallback.
 
-            log.warning("no %s artifact for %s at %s: exporting it now", cfg.precision, cfg.name, path)
-            export_model(cfg, ExportOptions(precision=cfg.precision, out_root=Path(path).parents[1],
-                                            cache_dir=cache_dir))
-        if (path / "manifest.json").is_file() or backend == "onnx":
-            return open_artifact_lm(load_artifact(path), cfg, threads=threads)
-        log.warning("no artifact for %s at %s: using the PyTorch fallback (run `tta-engine export %s`)",
-                    cfg.name, path, cfg.name)
+    Nothing is exported here (the manager's ``export_on_demand`` and the CLI's ``--export`` do that):
+    a damaged artifact raises ArtifactCorruptedError, and a missing one, when PyTorch cannot stand in,
+    ArtifactMissingError naming the export command."""
+    path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
+    if use_artifact(path, backend or cfg.backend):
+        return open_artifact_lm(load_artifact(path), cfg, threads=threads)
     return open_torch_lm(cfg, cache_dir=cache_dir)
+
+
+def use_artifact(path: Path, backend: str) -> bool:
+    """Whether to open the artifact at ``path`` (else PyTorch): always for "onnx", never for "torch";
+    for "auto" when anything is published there (so a damaged artifact is an error, not a silent
+    fallback) or when PyTorch is not installed (then the error names the export command)."""
+    if backend == "torch":
+        return False
+    if backend == "onnx" or artifact_present(path) or importlib.util.find_spec("torch") is None:
+        return True
+    log.warning("no artifact at %s: using the PyTorch fallback (run `%s` for the compiled runtime)",
+                path, export_command(path))
+    return False
