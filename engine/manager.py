@@ -126,6 +126,8 @@ class TransformersModelManager:
     # -- names --------------------------------------------------------------------------------------
     def resolve_name(self, name: str) -> str:
         """A config name, or a model_id such as the design note's 'sentence-transformers/all-MiniLM-L6-v2'."""
+        if not isinstance(name, str):
+            raise UnknownModelError(repr(name), list(self.model_configs))
         if name in self.model_configs:
             return name
         by_id = [n for n, c in self.model_configs.items() if c.model_id == name]

@@ -21,7 +21,7 @@ from .artifact import Artifact, artifact_dir, artifact_present, export_command, 
 from .config import ModelConfig
 from .errors import ArtifactError, InvalidInputError
 from .generator import Completion, GenerationState, generate, generate_events
-from .inputs import check_prompt
+from .inputs import check_prompt, check_prompt_size
 from .sampling import SamplingParams, params_from_kwargs
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,14 @@ class LanguageModel:
         self.kind = kind  # "onnx" | "torch"
         self.size_bytes = size_bytes
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"tta-{name}")
+        self._token_chars: int | None = None
 
     # -- prompts ------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Messages) -> list[int]:
         """A string is used as raw text; a list of messages is rendered with the model's chat template.
         Invalid prompts raise InvalidInputError / EmptyInputError (engine/inputs.py)."""
         prompt = check_prompt(prompt)
+        check_prompt_size(prompt, self.backend.context_length, self._max_token_chars())
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
         if not getattr(self.tokenizer, "chat_template", None):
@@ -58,6 +60,13 @@ class LanguageModel:
         except TemplateError as exc:  # the template's own checks (e.g. roles must alternate)
             raise InvalidInputError(f"the chat template of {self.name} refuses these messages: {exc}") from exc
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def _max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry (0: unknown, no size check before tokenizing)."""
+        if self._token_chars is None:
+            vocab = getattr(self.tokenizer, "get_vocab", None)
+            self._token_chars = max(map(len, vocab()), default=0) if vocab is not None else 0
+        return self._token_chars
 
     def params(self, **kwargs: Any) -> SamplingParams:
         return params_from_kwargs(self.defaults, **kwargs)
