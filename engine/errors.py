@@ -83,6 +83,11 @@ class OverloadedError(TTAEngineError):
     """The request queue of a model is full; retry later or raise the queue size."""
 
 
+class ModelUnloadedError(OverloadedError):
+    """The model was unloaded (evicted, closed) while the request waited or ran; the request produced no
+    complete answer. Retry it: the next request loads the model again."""
+
+
 class NoCapableModelError(TTAEngineError, LookupError):
     """No configured model can serve a task under the given constraints."""
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig, coerce_configs
+from .device import parse_device
 from .errors import ModelTypeError, UnknownModelError
 from .generator import Completion, GenerationState
 from .inputs import check_texts
@@ -38,6 +39,7 @@ class ModelStats:
     requests: int = 0
     completed: int = 0
     cancelled: int = 0
+    failed: int = 0  # ended by an error (e.g. ModelUnloadedError): neither completed nor cancelled
     prompt_tokens: int = 0
     completion_tokens: int = 0
     decode_seconds: float = 0.0
@@ -62,6 +64,7 @@ class _Loaded:
     model: Any  # LanguageModel | OrtEncoder | TorchEncoder
     size_bytes: int
     backend: str
+    device: str = "cpu"  # the resolved device: 'cpu' or 'cuda:N'
     scheduler: BatchScheduler | None = None
     in_flight: int = 0
     tokenizer: Any = None
@@ -106,7 +109,7 @@ class TransformersModelManager:
                  memory_budget_bytes: int | None = None, max_batch: int = 16, max_queue: int = 64,
                  prefix_cache_entries: int = 8, prefix_cache_bytes: int = 256 << 20,
                  embedding_cache_size: int = 4096, threads: int | None = None, backend: str | None = None,
-                 wide_step_rows: int = 0, export_on_demand: bool | None = None):
+                 wide_step_rows: int = 0, export_on_demand: bool | None = None, device: str | None = None):
         self.model_configs: dict[str, ModelConfig] = coerce_configs(model_configs)
         self.cache_dir = cache_dir
         self.artifacts_root = artifacts_root
@@ -117,6 +120,10 @@ class TransformersModelManager:
         self.threads, self.backend = threads, backend
         # None: each config's own export_on_demand (default off); True/False: for every model.
         self.export_on_demand = export_on_demand
+        # 'auto' | 'cpu' | 'cuda' | 'cuda:N' for every model (overrides the configs' device); None: per config
+        if device is not None:
+            parse_device(device)  # ConfigError now rather than at the first load
+        self.device = device
         self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -195,18 +202,19 @@ class TransformersModelManager:
             from .embeddings import OrtEncoder, open_encoder
 
             enc = open_encoder(cfg, artifacts_root=self.artifacts_root, backend=self.backend,
-                               cache_dir=self.cache_dir, threads=self.threads)
+                               cache_dir=self.cache_dir, threads=self.threads, device=self.device)
             size = _encoder_size(enc)
             return _Loaded(cfg.name, "embedding", enc, size, "onnx" if isinstance(enc, OrtEncoder) else "torch",
-                           tokenizer=getattr(enc, "tokenizer", None))
+                           device=str(enc.device), tokenizer=getattr(enc, "tokenizer", None))
         from .runtime import open_language_model
 
         lm = open_language_model(cfg, artifacts_root=self.artifacts_root, backend=self.backend,
-                                 cache_dir=self.cache_dir, threads=self.threads)
+                                 cache_dir=self.cache_dir, threads=self.threads, device=self.device)
         sched = BatchScheduler(lm, max_batch=self.max_batch, max_queue=self.max_queue,
                                prefix_cache_entries=self.prefix_cache_entries,
                                prefix_cache_bytes=self.prefix_cache_bytes, wide_step_rows=self.wide_step_rows)
-        return _Loaded(cfg.name, "causal_lm", lm, lm.size_bytes, lm.kind, scheduler=sched, tokenizer=lm.tokenizer)
+        return _Loaded(cfg.name, "causal_lm", lm, lm.size_bytes, lm.kind, device=lm.device, scheduler=sched,
+                       tokenizer=lm.tokenizer)
 
     def _evict_for(self, incoming: int, keep: str) -> None:
         """Evict least-recently-used idle models until count and memory budget admit ``incoming``."""
@@ -294,7 +302,7 @@ class TransformersModelManager:
             req = entry.scheduler.submit(ids, params, emit, st)
             stats = self._stats[entry.name]
             stats.requests += 1
-            finished = False
+            finished = failed = False
             try:
                 while True:
                     item = await queue.get()
@@ -302,15 +310,19 @@ class TransformersModelManager:
                         finished = True
                         break
                     if isinstance(item, BaseException):
+                        failed = True
                         raise item
                     yield item
             finally:
                 req.cancel()  # no-op when finished; otherwise the scheduler drops the row at its next step
-                self._record(stats, st, req, finished)
+                self._record(stats, st, req, finished, failed)
         finally:
             self._release(entry)
 
-    def _record(self, stats: ModelStats, st: GenerationState, req, finished: bool) -> None:
+    def _record(self, stats: ModelStats, st: GenerationState, req, finished: bool, failed: bool = False) -> None:
+        if failed:
+            stats.failed += 1
+            return
         if not finished or st.finish_reason == "cancelled":
             stats.cancelled += 1
             return
@@ -383,7 +395,10 @@ class TransformersModelManager:
                 entry = self._loaded.get(name)
                 d["loaded"] = entry is not None
                 if entry is not None:
-                    d.update(backend=entry.backend, size_bytes=entry.size_bytes, in_flight=entry.in_flight)
+                    d.update(backend=entry.backend, device=entry.device, size_bytes=entry.size_bytes,
+                             in_flight=entry.in_flight)
+                    if entry.scheduler is not None:  # requests waiting for a row, rows decoding
+                        d.update(queue_depth=len(entry.scheduler.pending), active_rows=len(entry.scheduler.active))
                     if entry.scheduler is not None and entry.scheduler.prefix is not None:
                         p = entry.scheduler.prefix
                         d.update(prefix_cache_hits=p.hits, prefix_cache_misses=p.misses)
