@@ -227,6 +227,10 @@ def cmd_serve(args) -> int:
         manager.resolve_name(name)  # an unknown name fails here, before the port is bound
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without an API key (--api-key-env)", file=sys.stderr)
+    import signal
+
+    # uvicorn drains on SIGTERM, then re-raises it under the handler found at start: exit 0 after the drain
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve(manager, args.host, args.port, api_key=api_key, preload=tuple(args.models),
           max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace)
     return 0
