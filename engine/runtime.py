@@ -134,7 +134,8 @@ def _defaults(cfg: ModelConfig | None) -> SamplingParams:
 
 
 def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, threads: int | None = None,
-                     device: str | None = None) -> LanguageModel:
+                     device: str | None = None, cuda_graph: bool = False) -> LanguageModel:
+    """``cuda_graph``: decode steps replayed as CUDA graphs on a GPU (see OrtDecoder; off by default)."""
     from transformers import AutoTokenizer
 
     from .ort_decoder import OrtDecoder
@@ -143,7 +144,7 @@ def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, thre
         raise ArtifactError(f"{artifact.path} holds a {artifact.kind!r} model, not a causal LM")
     meta = artifact.manifest["decoder"]
     device = device or (cfg.device if cfg is not None else "auto")
-    backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device)
+    backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device, cuda_graph=cuda_graph)
     tokenizer = AutoTokenizer.from_pretrained(artifact.path)
     return LanguageModel(artifact.name, backend, tokenizer, meta["eos_token_ids"], _defaults(cfg), kind="onnx",
                          size_bytes=artifact.size_bytes, device=str(backend.device))
@@ -173,9 +174,11 @@ def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None, device: str
 
 def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None = None, backend: str | None = None,
                         cache_dir: str | None = None, export_if_missing: bool | None = None,
-                        threads: int | None = None, device: str | None = None) -> LanguageModel:
+                        threads: int | None = None, device: str | None = None,
+                        cuda_graph: bool = False) -> LanguageModel:
     """The compiled artifact when it exists (exporting it first when the config allows), else PyTorch.
-    ``device`` (default: the config's) is resolved by engine/device.py for the backend that opens."""
+    ``device`` (default: the config's) is resolved by engine/device.py for the backend that opens;
+    ``cuda_graph`` applies to an artifact on a GPU."""
     backend = backend or cfg.backend
     device = device or cfg.device
     path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
@@ -188,7 +191,7 @@ def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None =
             export_model(cfg, ExportOptions(precision=cfg.precision, out_root=Path(path).parents[1],
                                             cache_dir=cache_dir))
         if (path / "manifest.json").is_file() or backend == "onnx":
-            return open_artifact_lm(load_artifact(path), cfg, threads=threads, device=device)
+            return open_artifact_lm(load_artifact(path), cfg, threads=threads, device=device, cuda_graph=cuda_graph)
         log.warning("no artifact for %s at %s: using the PyTorch fallback (run `tta-engine export %s`)",
                     cfg.name, path, cfg.name)
     return open_torch_lm(cfg, cache_dir=cache_dir, device=device)
