@@ -392,8 +392,9 @@ class TransformersModelManager:
                 if entry is not None:
                     d.update(backend=entry.backend, device=entry.device, size_bytes=entry.size_bytes,
                              in_flight=entry.in_flight)
-                    if entry.scheduler is not None:  # requests waiting for a row, rows decoding
-                        d.update(queue_depth=len(entry.scheduler.pending), active_rows=len(entry.scheduler.active))
+                    if entry.scheduler is not None:  # requests waiting for a row, rows decoding, decode steps
+                        d.update(queue_depth=len(entry.scheduler.pending), active_rows=len(entry.scheduler.active),
+                                 scheduler_steps=entry.scheduler.steps)
                     if entry.scheduler is not None and entry.scheduler.prefix is not None:
                         p = entry.scheduler.prefix
                         d.update(prefix_cache_hits=p.hits, prefix_cache_misses=p.misses)
