@@ -86,7 +86,17 @@ def test_ort_cuda_fp16_top1_agrees_with_cpu_fp32(artifacts, arch):
 
 
 @needs_ort
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ort_cuda_graph_needs_an_fp16_artifact(artifacts):
+    from tta_engine.errors import ConfigError
+    from tta_engine.ort_decoder import OrtDecoder
+
+    art = artifacts.get("tiny-llama", "fp32")
+    with pytest.raises(ConfigError, match="--precision fp16"):
+        OrtDecoder(art.file("model.onnx"), art.manifest["decoder"], device="cuda", cuda_graph=True)
+
+
+@needs_ort
+@pytest.mark.parametrize("precision", ["fp16"])
 def test_ort_cuda_graph_decode_equals_uncaptured_decode(artifacts, precision):
     """Decode steps captured and replayed as CUDA graphs give the uncaptured path's tokens, request after
     request (each request's cache gets its own graph, released when the cache closes)."""
