@@ -54,6 +54,8 @@ def test_auto_takes_the_gpu_for_torch():
 def test_ort_cuda_fp32_equals_cpu_fp32_for_32_greedy_tokens(artifacts, arch, graph):
     from tta_engine.ort_decoder import OrtDecoder
 
+    if graph == "optimum":
+        pytest.importorskip("optimum.exporters.onnx", reason="the unfused graph is exported with Optimum")
     art = artifacts.get(f"tiny-{arch}", "fp32", graph)
     meta = art.manifest["decoder"]
     cpu = OrtDecoder(art.file("model.onnx"), meta, device="cpu")
@@ -171,6 +173,8 @@ def test_manager_reports_the_gpu(artifacts, tiny_configs):
 def test_ort_cuda_embeddings_equal_cpu(artifacts):
     from tta_engine.embeddings import OrtEncoder
 
+    pytest.importorskip("optimum.exporters.onnx", reason="encoders are exported with Optimum")
+    pytest.importorskip("sentence_transformers", reason="encoder export validates against sentence-transformers")
     art = artifacts.get("tiny-bert", "fp32")
     texts = ["a calm lake", "an anxious night", "dragons and gold", "x"]
     a = OrtEncoder(art.path, device="cuda").encode(texts)
