@@ -61,7 +61,24 @@ def _is_pydantic_model(obj: Any) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _pydantic_schema(model: type) -> str:
-    return json.dumps(model.model_json_schema())
+    """The model's JSON Schema; unless the model allows extra fields (``extra="allow"``), its objects admit
+    no properties beyond the declared ones (Pydantic would drop them anyway; OpenAI's strict mode does
+    the same), so a small model cannot wander off into invented keys."""
+    schema = model.model_json_schema()
+    if (getattr(model, "model_config", None) or {}).get("extra") != "allow":
+        _close_objects(schema)
+    return json.dumps(schema)
+
+
+def _close_objects(node: Any) -> None:
+    if isinstance(node, dict):
+        if "properties" in node and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for value in node.values():
+            _close_objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            _close_objects(value)
 
 
 def _schema_text(schema: Any, where: str) -> str:
