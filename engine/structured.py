@@ -29,6 +29,7 @@ import functools
 import json
 import re
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ def _schema_text(schema: Any, where: str) -> str:
         raise StructuredOutputError(f"{where}: the JSON Schema is not JSON-serializable ({exc})") from exc
 
 
+@functools.lru_cache(maxsize=256)
 def _with_json_options(schema_text: str) -> str:
     """The schema with our default JSON layout under its ``x-guidance`` options (the schema's own win)."""
     schema = json.loads(schema_text)
@@ -274,6 +276,11 @@ def is_cached(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int], response_
         return grammar is None or key in _grammar_cache
 
 
+# Per-token timings of the masks (seconds), most recent first out: "fill" = computing a mask (in whatever
+# thread ran it), "wait" = how long the sampler waited for it (the part not hidden behind the forward pass).
+MASK_TIMINGS: dict[str, collections.deque] = {"fill": collections.deque(maxlen=1 << 16),
+                                              "wait": collections.deque(maxlen=1 << 16)}
+
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
@@ -299,17 +306,14 @@ class GrammarState:
         self.bitmask = np.zeros((1, (compiled.ll_vocab_size + 31) // 32), dtype=np.int32)
         self._pending: Future | None = None
         self._fresh = False  # bitmask holds the mask of the current state
-        self.mask_seconds: list[float] = []  # time spent filling masks (wall, in whatever thread ran it)
 
     # -- mask --------------------------------------------------------------------------------------------
     def _fill(self) -> None:
-        import time
-
         from llguidance.numpy import fill_next_token_bitmask
 
         t0 = time.perf_counter()
         fill_next_token_bitmask(self.matcher, self.bitmask)
-        self.mask_seconds.append(time.perf_counter() - t0)
+        MASK_TIMINGS["fill"].append(time.perf_counter() - t0)
 
     def prepare(self) -> None:
         """Start computing the next step's mask in a worker thread (call before the forward pass)."""
@@ -318,13 +322,16 @@ class GrammarState:
 
     def wait(self) -> None:
         """Make sure the mask of the current state is in ``bitmask`` (waits for ``prepare``'s work)."""
+        if self._fresh and self._pending is None:
+            return
+        t0 = time.perf_counter()
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
-            self._fresh = True
-        elif not self._fresh:
+        else:
             self._fill()
-            self._fresh = True
+        self._fresh = True
+        MASK_TIMINGS["wait"].append(time.perf_counter() - t0)
 
     def allowed(self) -> np.ndarray:
         """bool [vocab_size]: the tokens the grammar allows next (every EOS id of the model when it may end)."""
