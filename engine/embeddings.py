@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EmptyInputError
+from .device import Device, resolve_device
+from .inputs import check_texts
 from .ort_session import create_session
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
@@ -66,23 +67,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise EmptyInputError("no texts to embed: pass at least one string")
-    return texts
-
-
 class OrtEncoder:
     """An exported encoder artifact directory: model.onnx, tokenizer files, pooling config."""
 
-    def __init__(self, path: Path, *, threads: int | None = None, device: str = "auto", model_file: str = "model.onnx"):
+    def __init__(self, path: Path, *, threads: int | None = None, device: str | Device = "auto",
+                 model_file: str = "model.onnx"):
         from transformers import AutoTokenizer
 
         self.path = path
-        self.session = create_session(path / model_file, threads=threads, device=device)
+        self.device = resolve_device(device, "onnx")  # ORT copies the token ids in, the hidden states out
+        self.session = create_session(path / model_file, threads=threads, device=self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pooling, self.normalize, self.max_seq_length = read_pooling(path)
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -110,7 +104,7 @@ class OrtEncoder:
     def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
         """Tokenize everything at once, sort by *token* length (less padding than sorting by characters),
         run batches, pool, restore the input order, normalize."""
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)
         ids = enc["input_ids"]
         extra = {k: v for k, v in enc.items() if k in self.input_names and k not in ("input_ids", "attention_mask")}
@@ -130,16 +124,17 @@ class OrtEncoder:
 class TorchEncoder:
     """PyTorch fallback: sentence-transformers itself, behind the same signature."""
 
-    def __init__(self, model_dir: Path, *, device: str = "cpu"):
+    def __init__(self, model_dir: Path, *, device: str | Device = "auto"):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(model_dir), device=device)
+        self.device = resolve_device(device, "torch")
+        self.model = SentenceTransformer(str(model_dir), device=self.device.torch_name)
         self.pooling, self.normalize, self.max_seq_length = read_pooling(model_dir)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = int(get_dim())
 
     def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         out = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False)
         out = out.astype(np.float32)
         if self.normalize if normalize is None else normalize:
@@ -151,8 +146,9 @@ class TorchEncoder:
 
 
 def open_encoder(cfg, *, artifacts_root=None, backend: str | None = None, cache_dir: str | None = None,
-                 threads: int | None = None, export_if_missing: bool | None = None):
-    """The ONNX artifact when it exists (exporting it first when the config allows), else sentence-transformers."""
+                 threads: int | None = None, export_if_missing: bool | None = None, device: str | None = None):
+    """The ONNX artifact when it exists (exporting it first when the config allows), else sentence-transformers.
+    ``device``: default the config's ('auto' | 'cpu' | 'cuda' | 'cuda:N')."""
     import logging
 
     from .artifact import artifact_dir, load_artifact
@@ -160,6 +156,7 @@ def open_encoder(cfg, *, artifacts_root=None, backend: str | None = None, cache_
 
     log = logging.getLogger(__name__)
     backend = backend or cfg.backend
+    device = device or cfg.device
     path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
     if backend != "torch":
         export = cfg.export_on_demand if export_if_missing is None else export_if_missing
@@ -170,6 +167,6 @@ def open_encoder(cfg, *, artifacts_root=None, backend: str | None = None, cache_
             export_model(cfg, ExportOptions(precision=cfg.precision, out_root=path.parents[1], cache_dir=cache_dir))
         if (path / "manifest.json").is_file() or backend == "onnx":
             art = load_artifact(path)
-            return OrtEncoder(art.path, threads=threads)
+            return OrtEncoder(art.path, threads=threads, device=device)
         log.warning("no artifact for %s at %s: using sentence-transformers (PyTorch)", cfg.name, path)
-    return TorchEncoder(resolve_source(cfg, cache_dir).directory)
+    return TorchEncoder(resolve_source(cfg, cache_dir).directory, device=device)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import OverloadedError
+from .errors import ModelUnloadedError, OverloadedError
 from .generator import GenerationState, TokenStream, check_context
 from .sampling import SamplingParams
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 END = object()  # sentinel emitted after the last delta
 
 
-@dataclass
+@dataclass(eq=False)  # requests compare by identity: ``req in self.active`` must not compare prompts
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -60,6 +60,7 @@ class _RowsView:
     kept per row range (``_views``), so the IO binding OrtDecoder caches on them survives between steps."""
 
     def __init__(self, big, start: int, stop: int):
+        self.memory, self.owner = big.memory, big  # where the buffers live; whose they are
         self.keys = [k[start:stop] for k in big.keys]
         self.values = [v[start:stop] for v in big.values]
         self.lengths = big.lengths[start:stop].copy()
@@ -107,8 +108,8 @@ class PrefixCache:
         with self.lock:
             if any(len(k) >= n and k[:n] == key for k in self.entries):
                 return  # already covered by a stored sequence
-        keys = [k[row, :, :n].copy() for k in big.keys]
-        values = [v[row, :, :n].copy() for v in big.values]
+        keys = [big.memory.clone(k[row, :, :n]) for k in big.keys]
+        values = [big.memory.clone(v[row, :, :n]) for v in big.values]
         with self.lock:
             for k in [k for k in self.entries if len(k) < n and key[:len(k)] == k]:
                 del self.entries[k]  # a prefix of the new entry: redundant
@@ -155,7 +156,7 @@ class BatchScheduler:
         req.state.prompt_len = len(prompt_ids)
         with self.cond:
             if self.closed:
-                raise OverloadedError(f"model {self.lm.name!r} is being unloaded; retry the request")
+                raise ModelUnloadedError(f"model {self.lm.name!r} is being unloaded; retry the request")
             if len(self.pending) >= self.max_queue:
                 raise OverloadedError(
                     f"model {self.lm.name!r} has {len(self.pending)} requests waiting (queue limit "
@@ -196,9 +197,15 @@ class BatchScheduler:
                     log.exception("decode step failed")
                     for req in list(self.active):
                         self._retire(req, exc)
-        for req in doomed:
-            req.stream and req.stream.cancel()
-            req.emit(END)
+        for req in doomed:  # unfinished work fails loudly: no empty or truncated text posing as an answer
+            if req.stream is not None:
+                req.stream.cancel()
+            if req.cache is not None:
+                req.cache.close()
+                req.cache = None
+            req.emit(ModelUnloadedError(
+                f"model {self.lm.name!r} was unloaded before this request finished "
+                f"({len(req.state.tokens)} tokens generated); retry the request"))
 
     def _guard(self, req: Request, fn) -> None:
         try:
@@ -292,7 +299,7 @@ class BatchScheduler:
         return rows
 
     def _view(self, start: int, stop: int) -> _RowsView:
-        key = (self.big.keys[0].ctypes.data, self.big.capacity)
+        key = self.big.address
         if key != self._views_key:  # buffers grew: old views point at freed memory
             self._views, self._views_key = {}, key
         view = self._views.get((start, stop))
