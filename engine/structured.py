@@ -187,6 +187,22 @@ def _rust_tokenizer(tokenizer: Any):
         "has none. Use a model whose tokenizer ships a tokenizer.json.")
 
 
+_PROBE = 'Hello world, {"id": "x-1", "age": 42}\n  caf\u00e9 \u4f60\u597d \U0001F600'
+
+
+def _simplify_decoder(state: dict) -> None:
+    """Byte-level BPE tokenizers converted from GGUF (Transformers' converter) carry a decoder Sequence
+    [ByteFallback, Fuse, Replace, ByteLevel] that llguidance does not recognise as byte-level, so it would
+    read 'Ġ' literally; for byte-level vocabularies the ByteLevel decoder alone decodes the same."""
+    dec = state.get("decoder") or {}
+    if dec.get("type") == "Sequence":
+        byte_level = [d for d in dec.get("decoders", []) if d.get("type") == "ByteLevel"]
+        pre = state.get("pre_tokenizer") or {}
+        pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        if byte_level and any(p.get("type") == "ByteLevel" for p in pres):
+            state["decoder"] = byte_level[0]
+
+
 _tok_lock = threading.Lock()
 _tok_cache: collections.OrderedDict[tuple, tuple[Any, Any]] = collections.OrderedDict()
 
@@ -205,10 +221,16 @@ def ll_tokenizer(tokenizer: Any, vocab_size: int, eos_id: int):
     n_vocab = max(int(vocab_size), rust.get_vocab_size(with_added_tokens=True))
     state = json.loads(rust.to_str())
     state["padding"] = state["truncation"] = None
+    _simplify_decoder(state)
     try:
         llt = llg.LLTokenizer(json.dumps(state), n_vocab=n_vocab, eos_token=int(eos_id))
     except Exception as exc:  # noqa: BLE001 - llguidance raises ValueError/RuntimeError on odd tokenizers
         raise StructuredOutputError(f"llguidance cannot use this tokenizer for structured output: {exc}") from exc
+    probe = rust.encode(_PROBE, add_special_tokens=False).ids
+    if llt.decode_str(probe) != rust.decode(probe, skip_special_tokens=False):
+        raise StructuredOutputError(
+            "llguidance reads this tokenizer's tokens differently from the tokenizer itself "
+            f"({llt.decode_str(probe)!r} vs {rust.decode(probe)!r}); structured output is not available for it")
     with _tok_lock:
         _tok_cache[key] = (tokenizer, llt)  # holds the tokenizer, so its id is not reused while cached
         while len(_tok_cache) > _TOKENIZER_CACHE_SIZE:

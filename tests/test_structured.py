@@ -373,3 +373,27 @@ def test_client_legacy_expect_json_and_json_schema(manager):
     assert loose.startswith("{")
     check_output("choice", resp.text)
     assert resp.metadata["finish_reason"] == "stop"
+
+
+def test_bridge_reads_gguf_converted_byte_level_tokenizers(tiny):
+    """Transformers' GGUF converter writes the decoder as a Sequence [ByteFallback, Fuse, Replace, ByteLevel]
+    (SmolLM2's artifact has it); llguidance must still read 'Ġ' as a space."""
+    from tokenizers import Tokenizer
+    from tta_engine.structured import compile_grammar, grammar_of
+
+    lm, path = tiny
+    state = json.loads((path / "tokenizer.json").read_text())
+    state["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+    tok = Tokenizer.from_str(json.dumps(state))
+    text = 'go north, {"to": "river"}'
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert ll_tokenizer(tok, lm.backend.vocab_size, lm.eos_ids[0]).decode_str(ids) == text
+    g = compile_grammar(tok, lm.backend.vocab_size, lm.eos_ids, grammar_of({"type": "regex", "pattern": re.escape(text)}))
+    st = g.start()
+    for t in ids:
+        assert st.allowed()[t]
+        st.consume(t)
+    assert st.is_stopped
