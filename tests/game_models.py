@@ -4,9 +4,11 @@ plus prompt generators for both."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
+
+Short = Annotated[str, StringConstraints(max_length=40)]
 
 
 class Appearance(BaseModel):
@@ -14,7 +16,7 @@ class Appearance(BaseModel):
     build: str = Field(max_length=40)
     hair: str = Field(max_length=40)
     eyes: str = Field(max_length=40)
-    distinguishing_features: list[str] = Field(max_length=3)
+    distinguishing_features: list[Short] = Field(max_length=3)
 
 
 class Skill(BaseModel):
@@ -30,17 +32,17 @@ class Item(BaseModel):
 class Character(BaseModel):
     id: str = Field(max_length=32)
     name: str = Field(max_length=60)
-    description: str = Field(max_length=300)
+    description: str = Field(max_length=200)
     species: str = Field(max_length=40)
     appearance: Appearance
-    personality: list[str] = Field(max_length=5)
-    skills: list[Skill] = Field(max_length=5)
-    motivations: list[str] = Field(max_length=4)
-    goals: list[str] = Field(max_length=4)
-    background: str = Field(max_length=400)
+    personality: list[Short] = Field(max_length=3)
+    skills: list[Skill] = Field(max_length=3)
+    motivations: list[Short] = Field(max_length=3)
+    goals: list[Short] = Field(max_length=3)
+    background: str = Field(max_length=200)
     faction: str | None = Field(max_length=60)
     role: Literal["mentor", "ally", "companion", "antagonist", "neutral"]
-    inventory: list[Item] = Field(max_length=6)
+    inventory: list[Item] = Field(max_length=3)
     health: int = Field(ge=0, le=100)
     status: Literal["healthy", "injured", "tired", "unknown"]
     age: int = Field(ge=0, le=1000)

@@ -103,11 +103,11 @@ def test_structured_character_and_tool_calls_are_always_valid_on_int4(real):
 
     async def main():
         chars = await asyncio.gather(*[
-            m.generate_structured(p, LM, Character, max_tokens=500, temperature=0.7, top_p=0.95, seed=i)
-            for i, p in enumerate(character_prompts(4))])
+            m.generate_structured(p, LM, Character, max_tokens=900, temperature=0.7, top_p=0.95, seed=i)
+            for i, p in enumerate(character_prompts(3))])
         calls = await asyncio.gather(*[
-            m.generate(p, LM, response_format=tool_call_format(TOOLS), max_tokens=120, temperature=0.7, seed=i)
-            for i, p in enumerate(tool_prompts(4))])
+            m.generate(p, LM, response_format=tool_call_format(TOOLS), max_tokens=200, temperature=0.7, seed=i)
+            for i, p in enumerate(tool_prompts(3))])
         return chars, calls
 
     try:
