@@ -282,9 +282,12 @@ class TransformersModelManager:
         return name
 
     async def astream(self, prompt, model_name: str, *, state: GenerationState | None = None,
-                      **kwargs) -> AsyncIterator[str]:
+                      response_format: Any = None, **kwargs) -> AsyncIterator[str]:
         """Async iterator of text deltas. ``prompt``: a string (raw text) or a list of chat messages.
         kwargs override the config defaults (max_tokens, temperature, top_p, top_k, stop, seed, ...).
+        ``response_format`` constrains the output (engine/structured.py: a Pydantic model class, a JSON
+        Schema dict, {"type": "json_schema" | "json_object" | "regex" | "choice" | "grammar", ...}); one
+        that does not compile raises StructuredOutputError before anything is decoded.
         Cancelling or closing the iterator stops the request's decoding at the next step."""
         name = self._kind_of(model_name, "causal_lm")
         entry = await self._acquire(name)
@@ -292,6 +295,11 @@ class TransformersModelManager:
             lm = entry.model
             ids = lm.encode_prompt(prompt)
             params = lm.params(**kwargs)
+            grammar = None
+            if response_format is not None:
+                from .structured import acompile_for_model
+
+                grammar = await acompile_for_model(lm, response_format)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -302,7 +310,7 @@ class TransformersModelManager:
                     pass
 
             st = state if state is not None else GenerationState(len(ids))
-            req = entry.scheduler.submit(ids, params, emit, st)
+            req = entry.scheduler.submit(ids, params, emit, st, grammar=grammar)
             stats = self._stats[entry.name]
             stats.requests += 1
             finished = failed = False
@@ -357,6 +365,16 @@ class TransformersModelManager:
     async def chat(self, messages, model_name: str, **kwargs) -> str:
         """Messages ({role, content} dicts or Message objects) rendered with the model's chat template."""
         return await self.generate(list(messages), model_name, **kwargs)
+
+    async def generate_structured(self, prompt, model_name: str, output_model: Any, **kwargs) -> Any:
+        """Generate under ``output_model``'s constraint and return it parsed and validated: an instance of a
+        Pydantic model class, or the JSON value for a JSON Schema dict. Raises StructuredOutputError (with
+        ``raw_text``) when max_tokens ends the output before the grammar is complete, or it does not
+        validate."""
+        from .structured import validate_output
+
+        completion = await self.complete(prompt, model_name, response_format=output_model, **kwargs)
+        return validate_output(completion["text"], output_model, finish_reason=completion["finish_reason"])
 
     # -- embeddings ---------------------------------------------------------------------------------
     def get_embeddings(self, texts: list[str],

@@ -73,15 +73,25 @@ class LanguageModel:
         return params_from_kwargs(self.defaults, **kwargs)
 
     # -- sync ---------------------------------------------------------------------------------------
-    def events(self, prompt: str | Messages, state: GenerationState | None = None, **kwargs) -> Iterator[str]:
+    def events(self, prompt: str | Messages, state: GenerationState | None = None, response_format: Any = None,
+               **kwargs) -> Iterator[str]:
+        """Text deltas; ``response_format`` constrains the output (engine/structured.py)."""
         ids = self.encode_prompt(prompt)
         params = self.params(**kwargs)
         return generate_events(self.backend, self.tokenizer, ids, params, self.eos_ids,
-                               state=state if state is not None else GenerationState(len(ids)))
+                               state=state if state is not None else GenerationState(len(ids)),
+                               grammar=self._grammar(response_format))
 
-    def generate(self, prompt: str | Messages, **kwargs) -> Completion:
+    def _grammar(self, response_format: Any):
+        if response_format is None:
+            return None
+        from .structured import compile_for_model
+
+        return compile_for_model(self, response_format)
+
+    def generate(self, prompt: str | Messages, response_format: Any = None, **kwargs) -> Completion:
         return generate(self.backend, self.tokenizer, self.encode_prompt(prompt), self.params(**kwargs),
-                        self.eos_ids)
+                        self.eos_ids, grammar=self._grammar(response_format))
 
     def stream(self, prompt: str | Messages, **kwargs) -> Iterator[str]:
         """Text deltas; ``close()`` the iterator (or break out of a for loop) to stop decoding."""
