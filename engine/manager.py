@@ -109,7 +109,8 @@ class TransformersModelManager:
                  memory_budget_bytes: int | None = None, max_batch: int = 16, max_queue: int = 64,
                  prefix_cache_entries: int = 8, prefix_cache_bytes: int = 256 << 20,
                  embedding_cache_size: int = 4096, threads: int | None = None, backend: str | None = None,
-                 wide_step_rows: int = 0, export_on_demand: bool | None = None, device: str | None = None):
+                 wide_step_rows: int = 0, export_on_demand: bool | None = None, device: str | None = None,
+                 cuda_graph: bool = False):
         self.model_configs: dict[str, ModelConfig] = coerce_configs(model_configs)
         self.cache_dir = cache_dir
         self.artifacts_root = artifacts_root
@@ -124,6 +125,7 @@ class TransformersModelManager:
         if device is not None:
             parse_device(device)  # ConfigError now rather than at the first load
         self.device = device
+        self.cuda_graph = cuda_graph  # ONNX artifacts on a GPU: decode steps replayed as CUDA graphs (opt-in)
         self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -209,7 +211,8 @@ class TransformersModelManager:
         from .runtime import open_language_model
 
         lm = open_language_model(cfg, artifacts_root=self.artifacts_root, backend=self.backend,
-                                 cache_dir=self.cache_dir, threads=self.threads, device=self.device)
+                                 cache_dir=self.cache_dir, threads=self.threads, device=self.device,
+                                 cuda_graph=self.cuda_graph)
         sched = BatchScheduler(lm, max_batch=self.max_batch, max_queue=self.max_queue,
                                prefix_cache_entries=self.prefix_cache_entries,
                                prefix_cache_bytes=self.prefix_cache_bytes, wide_step_rows=self.wide_step_rows)
@@ -279,9 +282,12 @@ class TransformersModelManager:
         return name
 
     async def astream(self, prompt, model_name: str, *, state: GenerationState | None = None,
-                      **kwargs) -> AsyncIterator[str]:
+                      response_format: Any = None, **kwargs) -> AsyncIterator[str]:
         """Async iterator of text deltas. ``prompt``: a string (raw text) or a list of chat messages.
         kwargs override the config defaults (max_tokens, temperature, top_p, top_k, stop, seed, ...).
+        ``response_format`` constrains the output (engine/structured.py: a Pydantic model class, a JSON
+        Schema dict, {"type": "json_schema" | "json_object" | "regex" | "choice" | "grammar", ...}); one
+        that does not compile raises StructuredOutputError before anything is decoded.
         Cancelling or closing the iterator stops the request's decoding at the next step."""
         name = self._kind_of(model_name, "causal_lm")
         entry = await self._acquire(name)
@@ -289,6 +295,11 @@ class TransformersModelManager:
             lm = entry.model
             ids = lm.encode_prompt(prompt)
             params = lm.params(**kwargs)
+            grammar = None
+            if response_format is not None:
+                from .structured import acompile_for_model
+
+                grammar = await acompile_for_model(lm, response_format)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -299,7 +310,7 @@ class TransformersModelManager:
                     pass
 
             st = state if state is not None else GenerationState(len(ids))
-            req = entry.scheduler.submit(ids, params, emit, st)
+            req = entry.scheduler.submit(ids, params, emit, st, grammar=grammar)
             stats = self._stats[entry.name]
             stats.requests += 1
             finished = failed = False
@@ -354,6 +365,16 @@ class TransformersModelManager:
     async def chat(self, messages, model_name: str, **kwargs) -> str:
         """Messages ({role, content} dicts or Message objects) rendered with the model's chat template."""
         return await self.generate(list(messages), model_name, **kwargs)
+
+    async def generate_structured(self, prompt, model_name: str, output_model: Any, **kwargs) -> Any:
+        """Generate under ``output_model``'s constraint and return it parsed and validated: an instance of a
+        Pydantic model class, or the JSON value for a JSON Schema dict. Raises StructuredOutputError (with
+        ``raw_text``) when max_tokens ends the output before the grammar is complete, or it does not
+        validate."""
+        from .structured import validate_output
+
+        completion = await self.complete(prompt, model_name, response_format=output_model, **kwargs)
+        return validate_output(completion["text"], output_model, finish_reason=completion["finish_reason"])
 
     # -- embeddings ---------------------------------------------------------------------------------
     def get_embeddings(self, texts: list[str],
