@@ -61,6 +61,10 @@ class EmptyInputError(TTAEngineError, ValueError):
     """An empty message list or empty text batch where at least one item is required."""
 
 
+class ChatTemplateError(TTAEngineError, ValueError):
+    """The model's chat template does not compile or rejects the messages (e.g. roles out of order)."""
+
+
 class OverloadedError(TTAEngineError):
     """The request queue of a model is full; retry later or raise the queue size."""
 

@@ -56,15 +56,11 @@ class LanguageModel:
         if isinstance(prompt, str):
             if not prompt:
                 raise EmptyInputError("the prompt is empty: pass some text or a list of messages")
-            return list(self.tokenizer(prompt)["input_ids"])
+            return self.tokenizer.encode(prompt)
         messages = _message_dicts(prompt)
         if not messages:
             raise EmptyInputError("the message list is empty: pass at least one {'role', 'content'} message")
-        if not getattr(self.tokenizer, "chat_template", None):
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-            return list(self.tokenizer(text)["input_ids"])
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def params(self, **kwargs: Any) -> SamplingParams:
         return params_from_kwargs(self.defaults, **kwargs)
@@ -141,25 +137,25 @@ def _defaults(cfg: ModelConfig | None) -> SamplingParams:
 
 def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, threads: int | None = None,
                      device: str = "auto") -> LanguageModel:
-    from transformers import AutoTokenizer
-
     from .ort_decoder import OrtDecoder
+    from .tokenizer import Tokenizer
 
     if artifact.kind != "causal_lm":
         raise ArtifactError(f"{artifact.path} holds a {artifact.kind!r} model, not a causal LM")
     meta = artifact.manifest["decoder"]
     backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(artifact.path)
+    tokenizer = Tokenizer.from_artifact(artifact.path, artifact.manifest.get("tokenizer"))
     return LanguageModel(artifact.name, backend, tokenizer, meta["eos_token_ids"], _defaults(cfg), kind="onnx",
                          size_bytes=artifact.size_bytes)
 
 
 def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None) -> LanguageModel:
     from .sources import eos_token_ids, load_tokenizer, load_torch_causal_lm, resolve_source
+    from .tokenizer import Tokenizer
     from .torch_backend import TorchDecoder
 
     resolved = resolve_source(cfg, cache_dir)
-    tokenizer = load_tokenizer(cfg, resolved)
+    hf_tokenizer = load_tokenizer(cfg, resolved)
     quant = cfg.quantization
     if quant and cfg.backend != "torch" and importlib.util.find_spec("bitsandbytes") is None:
         log.warning("%s asks for %s quantization but bitsandbytes is not installed: the PyTorch fallback "
@@ -169,7 +165,8 @@ def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None) -> Language
     context = min(int(getattr(model.config, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30)
     backend = TorchDecoder(model, context)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return LanguageModel(cfg.name, backend, tokenizer, eos_token_ids(model, tokenizer), _defaults(cfg),
+    return LanguageModel(cfg.name, backend, Tokenizer.from_transformers(hf_tokenizer),
+                         eos_token_ids(model, hf_tokenizer), _defaults(cfg),
                          kind="torch", size_bytes=size)
 
 

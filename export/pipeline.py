@@ -38,6 +38,7 @@ from tta_engine.sources import (
     load_torch_causal_lm,
     resolve_source,
 )
+from tta_engine.tokenizer import Tokenizer
 
 from . import validate
 from .quantize import quantize, save_onnx
@@ -153,7 +154,8 @@ def _prepare_decoder(cfg, options, progress, work: Path):
 
     progress.stage("load", f"loading {cfg.source.describe()} in PyTorch")
     resolved = resolve_source(cfg, options.cache_dir)
-    tokenizer = load_tokenizer(cfg, resolved)
+    hf_tokenizer = load_tokenizer(cfg, resolved)
+    tokenizer = Tokenizer.from_transformers(hf_tokenizer)
     model = load_torch_causal_lm(cfg, resolved)
     context = min(int(getattr(model.config, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30)
     meta: dict[str, Any] = {
@@ -163,7 +165,7 @@ def _prepare_decoder(cfg, options, progress, work: Path):
         or model.config.hidden_size // model.config.num_attention_heads,
         "vocab_size": model.config.vocab_size,
         "context_length": context,
-        "eos_token_ids": eos_token_ids(model, tokenizer),
+        "eos_token_ids": eos_token_ids(model, hf_tokenizer),
         "architecture": model.config.model_type,
     }
     progress.done(f"{model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
@@ -247,11 +249,13 @@ def _prepare_decoder(cfg, options, progress, work: Path):
             progress.done(f"top-1 {final_fig['top1_agreement']:.3f}, KL {final_fig['mean_kl_divergence']:.4g}, "
                           f"greedy {final_fig['greedy_agreement']:.3f}")
         _copy_onnx(final_path, out / "model.onnx")
-        tokenizer.save_pretrained(out)
+        tokenizer_section = tokenizer.save(out)
         model.generation_config.save_pretrained(out)
         model.config.save_pretrained(out)
         return {
             "kind": "causal_lm",
+            "tokenizer": tokenizer_section,
+            "generation": _generation_defaults(model.generation_config),
             "source": source,
             "graph": graph,
             "decoder": dict(meta, node_count=_node_count(final_path), **({"prefill": prefill} if prefill else {})),
@@ -279,7 +283,8 @@ def _prepare_encoder(cfg, options, progress, work: Path):
     progress.stage("export", "exporting with Optimum (feature-extraction)")
     stage_dir = work / "encoder"
     raw = _optimum_export(hf_model, stage_dir, "feature-extraction", options.opset)
-    st.tokenizer.save_pretrained(stage_dir)
+    tokenizer = Tokenizer.from_transformers(st.tokenizer)
+    tokenizer_section = tokenizer.save(stage_dir)
     for f in ST_FILES:
         if (resolved.directory / f).is_file():
             shutil.copy2(resolved.directory / f, stage_dir / f)
@@ -292,7 +297,7 @@ def _prepare_encoder(cfg, options, progress, work: Path):
     progress.done(f"{_node_count(raw)} nodes")
 
     def check(name: str) -> dict:
-        enc = OrtEncoder(stage_dir, model_file=name)
+        enc = OrtEncoder(stage_dir, model_file=name, tokenizer=tokenizer)
         try:
             return validate.compare_encoder(st, enc)
         finally:
@@ -331,6 +336,7 @@ def _prepare_encoder(cfg, options, progress, work: Path):
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, out / p.name)
         return {
             "kind": "embedding",
+            "tokenizer": tokenizer_section,
             "source": source,
             "graph": graph,
             "encoder": {"dimension": _st_dim(st), "node_count": _node_count(out / "model.onnx")},
@@ -340,6 +346,12 @@ def _prepare_encoder(cfg, options, progress, work: Path):
         }
 
     return finish
+
+
+def _generation_defaults(gen) -> dict[str, Any]:
+    """The model's own sampling defaults (generation_config.json), for the runtime to read."""
+    keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+    return {k: getattr(gen, k, None) for k in keys if getattr(gen, k, None) is not None}
 
 
 def _st_dim(st) -> int:

@@ -29,16 +29,11 @@ VALIDATION_TEXTS = [
 
 
 def validation_prompts(tokenizer, limit: int = 96) -> list[list[int]]:
-    prompts = []
-    for msgs in VALIDATION_MESSAGES:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(" ".join(m["content"] for m in msgs))["input_ids"]
-        prompts.append(list(ids)[:limit])
-    return prompts
+    """The validation messages through the model's chat template (the runtime's rendering)."""
+    from tta_engine.tokenizer import as_tokenizer
+
+    tok = as_tokenizer(tokenizer)
+    return [list(tok.apply_chat_template(msgs, add_generation_prompt=True))[:limit] for msgs in VALIDATION_MESSAGES]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
