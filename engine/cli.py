@@ -1,4 +1,5 @@
-"""The ``tta-engine`` command line: export, generate, chat, embed, models, verify, demo, bench."""
+"""The ``tta-engine`` command line: export, generate, chat, embed, models, verify, pack, install-artifact,
+demo, bench."""
 
 from __future__ import annotations
 
@@ -143,6 +144,22 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from .pack import pack_artifacts
+
+    out = pack_artifacts(args.artifacts, args.name, args.precision, args.output)
+    print(f"packed {args.name} -> {out} [{out.stat().st_size / 1e6:.1f} MB]")
+    return 0
+
+
+def cmd_install_artifact(args) -> int:
+    from .pack import install_artifacts
+
+    for art in install_artifacts(args.file, args.artifacts):
+        print(f"installed {art.name} ({art.precision}) -> {art.path} [{art.size_bytes / 1e6:.1f} MB, hashes verified]")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The README's main job: export both packaged defaults, stream a narrative reply, compare embeddings."""
     from .embeddings import open_encoder
@@ -239,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--precision", default=None)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("pack", help="archive exported artifacts (hashes verified) for another machine")
+    _add_common(p)
+    p.add_argument("name")
+    p.add_argument("--precision", action="append", default=None, help="repeatable; default: every exported one")
+    p.add_argument("-o", "--output", type=Path, required=True, help="FILE.tar.gz or FILE.tar.zst")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("install-artifact", help="verify and install an archive made by `pack` (atomic)")
+    _add_common(p)
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_install_artifact)
 
     p = sub.add_parser("demo", help="export the packaged defaults, stream a reply, compare embeddings")
     _add_common(p)

@@ -135,6 +135,10 @@ class TorchEncoder:
     """PyTorch fallback: sentence-transformers itself, behind the same signature."""
 
     def __init__(self, model_dir: Path, *, device: str = "cpu"):
+        from .extras import require_extra
+
+        require_extra("torch", "the sentence-transformers fallback (no compiled artifact)",
+                      ("torch", "sentence_transformers"))
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(model_dir), device=device)

@@ -150,7 +150,11 @@ def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, thre
 
 
 def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None) -> LanguageModel:
+    from .extras import require_extra
     from .sources import eos_token_ids, load_tokenizer, load_torch_causal_lm, resolve_source
+
+    require_extra("torch", f"the PyTorch fallback of {cfg.name} (no compiled artifact; `tta-engine export "
+                           f"{cfg.name}` or `tta-engine install-artifact FILE` makes one)")
     from .tokenizer import Tokenizer
     from .torch_backend import TorchDecoder
 

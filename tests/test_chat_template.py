@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_models import DECODER_ARCHS, tiny_tokenizer
 from tta_engine.chat_template import render_chat
 from tta_engine.errors import ArtifactError, ChatTemplateError
 from tta_engine.tokenizer import Tokenizer
-
-from tiny_models import DECODER_ARCHS, tiny_tokenizer
 
 # Templates written like the real ones of each architecture family, using the features Transformers
 # templates rely on: raise_exception, strftime_now, tojson, loop controls, namespace, trim/lstrip blocks.
@@ -143,8 +142,8 @@ def test_exported_artifact_tokenizer_equals_source(arch, artifacts, tiny_dirs):
 
 
 def test_encoder_artifact_truncates_like_transformers(artifacts, tiny_dirs):
-    from tta_engine.embeddings import OrtEncoder
     from transformers import AutoTokenizer
+    from tta_engine.embeddings import OrtEncoder
 
     enc = OrtEncoder(artifacts.get("tiny-bert").path)
     hf = AutoTokenizer.from_pretrained(tiny_dirs["bert"])
