@@ -13,9 +13,16 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a blocked or broken module counts as missing
+        return False
+
+
 def require_extra(extra: str, what: str, modules: tuple[str, ...] | None = None) -> None:
     """Raise :class:`BackendUnavailableError` with the install command when a module of ``extra`` is missing."""
-    missing = [m for m in (modules or EXTRAS[extra]) if importlib.util.find_spec(m) is None]
+    missing = [m for m in (modules or EXTRAS[extra]) if not _importable(m)]
     if missing:
         raise BackendUnavailableError(
             f"{what} needs the optional dependencies of tta-engine[{extra}] ({', '.join(missing)} not "

@@ -286,6 +286,7 @@ def test_embedding_cache_and_stats(manager):
     assert st["load_seconds"] > 0 and st["backend"] == "onnx"
 
 
+@pytest.mark.needs_torch
 def test_torch_backend_behind_the_same_manager(tiny_configs, tmp_path):
     m = TransformersModelManager(tiny_configs, artifacts_root=tmp_path / "none", backend="torch")
     try:
