@@ -192,6 +192,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .manager import TransformersModelManager
+    from .server import serve
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise TTAEngineError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty; "
+                                 "export the key in it (or drop the option to serve without a key)")
+    manager = TransformersModelManager(_configs(args), artifacts_root=args.artifacts, backend=args.backend,
+                                       threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
+                                       max_loaded_models=args.max_loaded_models)
+    for name in args.models:
+        manager.resolve_name(name)  # an unknown name fails here, before the port is bound
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: serving on {args.host} without an API key (--api-key-env)", file=sys.stderr)
+    serve(manager, args.host, args.port, api_key=api_key, preload=tuple(args.models),
+          max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace)
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="model config TOML (default: packaged configs/models.toml)")
     p.add_argument("--artifacts", type=Path, default=None, help="artifacts root (default: ./artifacts or $TTA_ENGINE_ARTIFACTS)")
@@ -274,6 +298,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm", default="smollm2-135m-instruct")
     p.add_argument("--embedder", default="all-minilm-l6-v2")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn) over the model manager")
+    _add_common(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--models", nargs="*", default=[], metavar="NAME", help="models to load at startup")
+    p.add_argument("--api-key-env", dest="api_key_env", default=None, metavar="VAR",
+                   help="environment variable holding the API key; every route but /health then needs "
+                        "'Authorization: Bearer <key>'")
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="batch rows per model")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=64,
+                   help="waiting requests per model before 429")
+    p.add_argument("--max-loaded-models", dest="max_loaded_models", type=int, default=4)
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=4 << 20,
+                   help="larger request bodies get 413")
+    p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float, default=30.0,
+                   help="seconds running requests may finish after SIGTERM before they are stopped")
+    p.set_defaults(func=cmd_serve)
 
     from .bench import add_bench_parser  # stdlib-only at import time
 

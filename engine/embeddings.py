@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EmptyInputError
+from .inputs import check_texts
 from .ort_session import create_session
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
@@ -66,15 +66,6 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise EmptyInputError("no texts to embed: pass at least one string")
-    return texts
-
-
 class OrtEncoder:
     """An exported encoder artifact directory: model.onnx, tokenizer files, pooling config."""
 
@@ -114,7 +105,7 @@ class OrtEncoder:
     def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
         """Tokenize everything at once, sort by *token* length (less padding than sorting by characters),
         run batches, pool, restore the input order, normalize."""
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         enc = self.tokenizer.encode_batch(texts)
         ids = enc["input_ids"]
         extra = {k: v for k, v in enc.items() if k in self.input_names and k not in ("input_ids", "attention_mask")}
@@ -147,7 +138,7 @@ class TorchEncoder:
         self.dimension = int(get_dim())
 
     def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         out = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False)
         out = out.astype(np.float32)
         if self.normalize if normalize is None else normalize:

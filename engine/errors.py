@@ -34,8 +34,12 @@ class ArtifactError(TTAEngineError):
     """A compiled artifact is missing, incomplete or was produced for something else."""
 
 
+class ArtifactMissingError(ArtifactError):
+    """No artifact was exported at the path; the message names the command that makes it."""
+
+
 class ArtifactCorruptedError(ArtifactError):
-    """A file of an artifact does not match the sha256 recorded in its manifest."""
+    """An artifact is damaged: a file changed, truncated or missing, or its manifest missing or unreadable."""
 
 
 class ExportError(TTAEngineError):
@@ -57,16 +61,35 @@ class SamplingParamError(TTAEngineError, ValueError):
     """A generation parameter has an invalid value."""
 
 
-class EmptyInputError(TTAEngineError, ValueError):
+class InvalidInputError(TTAEngineError, ValueError):
+    """A prompt, message list or text batch of the wrong type or with invalid content (engine/inputs.py)."""
+
+
+class EmptyInputError(InvalidInputError):
     """An empty message list or empty text batch where at least one item is required."""
 
 
-class ChatTemplateError(TTAEngineError, ValueError):
+class ChatTemplateError(InvalidInputError):
     """The model's chat template does not compile or rejects the messages (e.g. roles out of order)."""
+
+
+class ModelTypeError(TTAEngineError, ValueError):
+    """A model asked for a job of the other kind: an embedding model asked to generate, or an LM to embed."""
+
+    def __init__(self, name: str, model_type: str, wanted: str):
+        self.name, self.model_type, self.wanted = name, model_type, wanted
+        use = "generate / chat / astream" if model_type == "causal_lm" else "embed / get_embeddings"
+        super().__init__(f"model {name!r} is a {model_type} model, not a {wanted} model: use it with {use}, "
+                         f"or pick a model whose model_type is {wanted!r}")
 
 
 class OverloadedError(TTAEngineError):
     """The request queue of a model is full; retry later or raise the queue size."""
+
+
+class ModelUnloadedError(OverloadedError):
+    """The model was unloaded (evicted, closed) while the request waited or ran; the request produced no
+    complete answer. Retry it: the next request loads the model again."""
 
 
 class NoCapableModelError(TTAEngineError, LookupError):

@@ -18,15 +18,16 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import ModelConfig, coerce_configs
-from .errors import TTAEngineError, UnknownModelError
+from .errors import ModelTypeError, UnknownModelError
 from .generator import Completion, GenerationState
+from .inputs import check_texts
 from .scheduler import END, BatchScheduler
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ModelStats:
     requests: int = 0
     completed: int = 0
     cancelled: int = 0
+    failed: int = 0  # ended by an error (e.g. ModelUnloadedError): neither completed nor cancelled
     prompt_tokens: int = 0
     completion_tokens: int = 0
     decode_seconds: float = 0.0
@@ -66,22 +68,35 @@ class _Loaded:
     tokenizer: Any = None
 
 
-@dataclass
 class _EmbeddingCache:
-    capacity: int
-    data: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    """LRU of embeddings keyed by (model, text), shared by every caller thread (its own lock).
+    ``capacity`` 0 disables it; callers never read back what they just put (it may be evicted already)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(int(capacity), 0)
+        self.data: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, key):
-        if key in self.data:
-            self.data.move_to_end(key)
-            return self.data[key]
-        return None
+        with self.lock:
+            value = self.data.get(key)
+            if value is not None:
+                self.data.move_to_end(key)
+            return value
 
     def put(self, key, value) -> None:
-        self.data[key] = value
-        self.data.move_to_end(key)
-        while len(self.data) > self.capacity:
-            self.data.popitem(last=False)
+        if self.capacity == 0:
+            return
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.capacity:
+                self.data.popitem(last=False)
+
+    def drop_model(self, name: str) -> None:
+        with self.lock:
+            for key in [k for k in self.data if k[0] == name]:
+                del self.data[key]
 
 
 class TransformersModelManager:
@@ -129,16 +144,19 @@ class TransformersModelManager:
         entry = self._ensure_loaded(self.resolve_name(model_name))
         return entry.model, entry.tokenizer
 
-    def _ensure_loaded(self, name: str) -> _Loaded:
+    def _ensure_loaded(self, name: str, *, acquire: bool = False) -> _Loaded:
+        """The loaded entry of ``name`` (loading it once). With ``acquire``, its ``in_flight`` count is
+        raised under the same lock that found or inserted it, so no eviction can come in between; the
+        caller then owes a ``_release(entry)``."""
         with self._lock:
-            if name in self._loaded:
-                self._loaded.move_to_end(name)
-                return self._loaded[name]
+            entry = self._touch(name, acquire)
+            if entry is not None:
+                return entry
         with self._load_locks[name]:
             with self._lock:
-                if name in self._loaded:
-                    self._loaded.move_to_end(name)
-                    return self._loaded[name]
+                entry = self._touch(name, acquire)
+                if entry is not None:
+                    return entry
             cfg = self.model_configs[name]
             t0 = time.perf_counter()
             entry = self._open(cfg)
@@ -147,9 +165,24 @@ class TransformersModelManager:
             with self._lock:
                 self._evict_for(entry.size_bytes, keep=name)
                 self._loaded[name] = entry
+                if acquire:
+                    entry.in_flight += 1
             log.info("loaded %s (%s, %.1f MB) in %.2fs", name, entry.backend, entry.size_bytes / 1e6,
                      stats.load_seconds)
             return entry
+
+    def _touch(self, name: str, acquire: bool) -> _Loaded | None:
+        """(under self._lock) The loaded entry, marked most recently used (and acquired), or None."""
+        entry = self._loaded.get(name)
+        if entry is not None:
+            self._loaded.move_to_end(name)
+            if acquire:
+                entry.in_flight += 1
+        return entry
+
+    def _release(self, entry: _Loaded) -> None:
+        with self._lock:
+            entry.in_flight -= 1
 
     def _open(self, cfg: ModelConfig) -> _Loaded:
         if cfg.is_embedding:
@@ -199,8 +232,7 @@ class TransformersModelManager:
         if entry.scheduler is not None:
             entry.scheduler.close()
         entry.model.close()
-        self._emb_cache.data = collections.OrderedDict(
-            (k, v) for k, v in self._emb_cache.data.items() if k[0] != name)
+        self._emb_cache.drop_model(name)
         log.info("unloaded %s", name)
 
     def close(self) -> None:
@@ -210,56 +242,73 @@ class TransformersModelManager:
         _release_memory()
 
     # -- generation ---------------------------------------------------------------------------------
-    async def _entry(self, model_name: str) -> _Loaded:
-        name = self.resolve_name(model_name)
+    async def _acquire(self, name: str) -> _Loaded:
+        """The loaded entry with ``in_flight`` raised (see ``_ensure_loaded``); pair with ``_release``."""
         with self._lock:
-            entry = self._loaded.get(name)
-            if entry is not None:
-                self._loaded.move_to_end(name)
-                return entry
-        return await asyncio.to_thread(self._ensure_loaded, name)
+            entry = self._touch(name, acquire=True)
+        if entry is not None:
+            return entry
+        task = asyncio.ensure_future(asyncio.to_thread(self._ensure_loaded, name, acquire=True))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:  # the load goes on in its thread: release what it acquires
+            task.add_done_callback(
+                lambda t: t.cancelled() or t.exception() is not None or self._release(t.result()))
+            raise
+
+    def _kind_of(self, model_name: str, kind: str) -> str:
+        """The config name of ``model_name``, checked to be a ``kind`` model before anything loads."""
+        name = self.resolve_name(model_name)
+        cfg = self.model_configs[name]
+        if cfg.model_type != kind:
+            raise ModelTypeError(name, cfg.model_type, kind)
+        return name
 
     async def astream(self, prompt, model_name: str, *, state: GenerationState | None = None,
                       **kwargs) -> AsyncIterator[str]:
         """Async iterator of text deltas. ``prompt``: a string (raw text) or a list of chat messages.
         kwargs override the config defaults (max_tokens, temperature, top_p, top_k, stop, seed, ...).
         Cancelling or closing the iterator stops the request's decoding at the next step."""
-        entry = await self._entry(model_name)
-        if entry.kind != "causal_lm":
-            raise TTAEngineError(f"model {entry.name!r} is an embedding model; use get_embeddings()")
-        lm = entry.model
-        ids = lm.encode_prompt(prompt)
-        params = lm.params(**kwargs)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the consumer's loop is closed: nothing left to deliver to
-                pass
-
-        st = state if state is not None else GenerationState(len(ids))
-        req = entry.scheduler.submit(ids, params, emit, st)
-        stats = self._stats[entry.name]
-        stats.requests += 1
-        entry.in_flight += 1
-        finished = False
+        name = self._kind_of(model_name, "causal_lm")
+        entry = await self._acquire(name)
         try:
-            while True:
-                item = await queue.get()
-                if item is END:
-                    finished = True
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            req.cancel()  # no-op when finished; otherwise the scheduler drops the row at its next step
-            entry.in_flight -= 1
-            self._record(stats, st, req, finished)
+            lm = entry.model
+            ids = lm.encode_prompt(prompt)
+            params = lm.params(**kwargs)
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
 
-    def _record(self, stats: ModelStats, st: GenerationState, req, finished: bool) -> None:
+            def emit(item) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                except RuntimeError:  # the consumer's loop is closed: nothing left to deliver to
+                    pass
+
+            st = state if state is not None else GenerationState(len(ids))
+            req = entry.scheduler.submit(ids, params, emit, st)
+            stats = self._stats[entry.name]
+            stats.requests += 1
+            finished = failed = False
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is END:
+                        finished = True
+                        break
+                    if isinstance(item, BaseException):
+                        failed = True
+                        raise item
+                    yield item
+            finally:
+                req.cancel()  # no-op when finished; otherwise the scheduler drops the row at its next step
+                self._record(stats, st, req, finished, failed)
+        finally:
+            self._release(entry)
+
+    def _record(self, stats: ModelStats, st: GenerationState, req, finished: bool, failed: bool = False) -> None:
+        if failed:
+            stats.failed += 1
+            return
         if not finished or st.finish_reason == "cancelled":
             stats.cancelled += 1
             return
@@ -299,27 +348,25 @@ class TransformersModelManager:
         return self.embed(texts, model_name).tolist()
 
     def embed(self, texts, model_name: str = "sentence-transformers/all-MiniLM-L6-v2") -> np.ndarray:
-        from .embeddings import _check_texts
-
-        texts = _check_texts(texts)
-        entry = self._ensure_loaded(self.resolve_name(model_name))
-        if entry.kind != "embedding":
-            raise TTAEngineError(f"model {entry.name!r} is not an embedding model; pick one with model_type = 'embedding'")
-        stats = self._stats[entry.name]
-        cached = [self._emb_cache.get((entry.name, t)) for t in texts]
-        missing = sorted({t for t, v in zip(texts, cached, strict=True) if v is None})
-        if missing:
-            with self._lock:
-                entry.in_flight += 1
-            try:
-                vecs = entry.model.encode(missing)
-            finally:
-                entry.in_flight -= 1
-            for t, v in zip(missing, vecs, strict=True):
-                self._emb_cache.put((entry.name, t), v)
-        stats.embeddings += len(texts)
-        stats.embedding_cache_hits += len(texts) - len(missing)
-        return np.stack([self._emb_cache.get((entry.name, t)) for t in texts])
+        """Embeddings [n, dim] in the order of ``texts``; each distinct text is encoded once per call and
+        kept in an LRU of ``embedding_cache_size`` entries (any number of texts works, cache or not)."""
+        texts = check_texts(texts)
+        name = self._kind_of(model_name, "embedding")
+        entry = self._ensure_loaded(name, acquire=True)
+        try:
+            found = {t: self._emb_cache.get((name, t)) for t in dict.fromkeys(texts)}
+            missing = [t for t, v in found.items() if v is None]
+            if missing:
+                for t, v in zip(missing, entry.model.encode(missing), strict=True):
+                    found[t] = v
+                    self._emb_cache.put((name, t), v)
+        finally:
+            self._release(entry)
+        stats = self._stats[name]
+        with self._lock:
+            stats.embeddings += len(texts)
+            stats.embedding_cache_hits += len(texts) - len(missing)
+        return np.stack([found[t] for t in texts])
 
     async def aget_embeddings(self, texts, model_name: str = "sentence-transformers/all-MiniLM-L6-v2"):
         return await asyncio.to_thread(self.get_embeddings, texts, model_name)
@@ -335,6 +382,8 @@ class TransformersModelManager:
                 d["loaded"] = entry is not None
                 if entry is not None:
                     d.update(backend=entry.backend, size_bytes=entry.size_bytes, in_flight=entry.in_flight)
+                    if entry.scheduler is not None:  # requests waiting for a row, rows decoding
+                        d.update(queue_depth=len(entry.scheduler.pending), active_rows=len(entry.scheduler.active))
                     if entry.scheduler is not None and entry.scheduler.prefix is not None:
                         p = entry.scheduler.prefix
                         d.update(prefix_cache_hits=p.hits, prefix_cache_misses=p.misses)

@@ -19,23 +19,14 @@ from typing import Any
 
 from .artifact import Artifact, artifact_dir, load_artifact
 from .config import ModelConfig
-from .errors import ArtifactError, EmptyInputError
+from .errors import ArtifactError
 from .generator import Completion, GenerationState, generate, generate_events
+from .inputs import check_prompt
 from .sampling import SamplingParams, params_from_kwargs
 
 log = logging.getLogger(__name__)
 Messages = Sequence[dict[str, str]]
 _DONE = object()
-
-
-def _message_dicts(messages) -> list[dict[str, str]]:
-    out = []
-    for m in messages:
-        if isinstance(m, dict):
-            out.append({"role": m["role"], "content": m["content"]})
-        else:  # the game's Message(role, content) objects
-            out.append({"role": m.role, "content": m.content})
-    return out
 
 
 class LanguageModel:
@@ -52,15 +43,12 @@ class LanguageModel:
 
     # -- prompts ------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Messages) -> list[int]:
-        """A string is used as raw text; a list of messages is rendered with the model's chat template."""
+        """A string is used as raw text; a list of messages is rendered with the model's chat template.
+        Invalid prompts raise InvalidInputError / EmptyInputError (engine/inputs.py)."""
+        prompt = check_prompt(prompt)
         if isinstance(prompt, str):
-            if not prompt:
-                raise EmptyInputError("the prompt is empty: pass some text or a list of messages")
             return self.tokenizer.encode(prompt)
-        messages = _message_dicts(prompt)
-        if not messages:
-            raise EmptyInputError("the message list is empty: pass at least one {'role', 'content'} message")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
 
     def params(self, **kwargs: Any) -> SamplingParams:
         return params_from_kwargs(self.defaults, **kwargs)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import OverloadedError
+from .errors import ModelUnloadedError, OverloadedError
 from .generator import GenerationState, TokenStream, check_context
 from .sampling import SamplingParams
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 END = object()  # sentinel emitted after the last delta
 
 
-@dataclass
+@dataclass(eq=False)  # requests compare by identity: ``req in self.active`` must not compare prompts
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -154,7 +154,7 @@ class BatchScheduler:
         req.state.prompt_len = len(prompt_ids)
         with self.cond:
             if self.closed:
-                raise OverloadedError(f"model {self.lm.name!r} is being unloaded; retry the request")
+                raise ModelUnloadedError(f"model {self.lm.name!r} is being unloaded; retry the request")
             if len(self.pending) >= self.max_queue:
                 raise OverloadedError(
                     f"model {self.lm.name!r} has {len(self.pending)} requests waiting (queue limit "
@@ -195,9 +195,15 @@ class BatchScheduler:
                     log.exception("decode step failed")
                     for req in list(self.active):
                         self._retire(req, exc)
-        for req in doomed:
-            req.stream and req.stream.cancel()
-            req.emit(END)
+        for req in doomed:  # unfinished work fails loudly: no empty or truncated text posing as an answer
+            if req.stream is not None:
+                req.stream.cancel()
+            if req.cache is not None:
+                req.cache.close()
+                req.cache = None
+            req.emit(ModelUnloadedError(
+                f"model {self.lm.name!r} was unloaded before this request finished "
+                f"({len(req.state.tokens)} tokens generated); retry the request"))
 
     def _guard(self, req: Request, fn) -> None:
         try:

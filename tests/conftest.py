@@ -94,3 +94,16 @@ class ArtifactCache:
 @pytest.fixture(scope="session")
 def artifacts(tiny_root, tiny_configs) -> ArtifactCache:
     return ArtifactCache(Path(PREBUILT) if PREBUILT else tiny_root / "artifacts", tiny_configs)
+
+
+@pytest.fixture(scope="module")
+def shared_manager(artifacts, tiny_configs):
+    """One manager over the tiny fp32 artifacts, shared by a test module (its tests must leave it serving)."""
+    from tta_engine.manager import TransformersModelManager
+
+    for name in ("tiny-llama", "tiny-qwen2"):
+        artifacts.get(name, "fp32")
+    artifacts.get("tiny-bert", "fp32")
+    m = TransformersModelManager(tiny_configs, artifacts_root=artifacts.root / "auto")
+    yield m
+    m.close()
