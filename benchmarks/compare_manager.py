@@ -70,7 +70,7 @@ def llama_cpp_prefix_reuse(cfg, lm, repeats: int) -> dict | None:
     """The same two turns, token for token (``lm`` renders them), on llama-cpp-python with the GGUF file:
     it keeps the KV of its last sequence and evaluates only the tokens after the common prefix.
     None when llama-cpp-python or a GGUF is missing."""
-    from tta_engine.bench.engines import EngineUnavailable, LlamaCppLM
+    from bench.engines import EngineUnavailable, LlamaCppLM
     from tta_engine.sources import resolve_source
 
     src = resolve_source(cfg)

@@ -319,10 +319,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests may finish after SIGTERM before they are stopped")
     p.set_defaults(func=cmd_serve)
 
-    from .bench import add_bench_parser  # stdlib-only at import time
-
-    add_bench_parser(sub)
+    _add_bench(sub)
     return parser
+
+
+def _checkout_benchmarks() -> Path | None:
+    """``benchmarks/`` of the source checkout this package runs from (editable install), if any."""
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    return here if (here / "bench" / "__init__.py").is_file() else None
+
+
+def _add_bench(sub) -> None:
+    """``tta-engine bench``: the harness lives in the checkout's benchmarks/bench, not in the wheel."""
+    benchmarks = _checkout_benchmarks()
+    if benchmarks is not None:
+        if str(benchmarks) not in sys.path:
+            sys.path.insert(0, str(benchmarks))
+        from bench import add_bench_parser  # stdlib-only at import time
+
+        add_bench_parser(sub)
+        return
+
+    def unavailable(args) -> int:
+        raise TTAEngineError("`tta-engine bench` runs from a source checkout (the benchmark harness is not "
+                             "part of the installed package): clone the repository, `make setup`, then "
+                             "`.venv/bin/tta-engine bench` or `make bench`")
+
+    p = sub.add_parser("bench", help="benchmarks (from a source checkout only)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=unavailable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 _TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+_BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")  # the harness package ``bench``
+for _p in (_TESTS, _BENCHMARKS):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from tiny_models import DECODER_ARCHS, save_tiny_decoder, save_tiny_encoder  # noqa: E402
 

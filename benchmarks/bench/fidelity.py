@@ -41,7 +41,7 @@ def lm_fidelity(engines: Sequence[LMEngine], hf_dir: str | None, tokenizer, gree
                 reference=None, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Per engine, vs the fp32 PyTorch model on export/validate.py's prompts: top-1 agreement and mean KL
     (teacher-forced); tta engines also greedy agreement over ``greedy_steps`` tokens."""
-    from ..export import validate
+    from tta_engine.export import validate
 
     if reference is None:
         if hf_dir is None:

@@ -40,7 +40,7 @@ def bench_messages(action: str = USER_ACTION) -> list[dict[str, str]]:
 def chat_prompt_ids(tokenizer, max_tokens: int, action: str = USER_ACTION) -> list[int]:
     """The benchmark's chat prompt (system + world state + action) through the chat template, at most
     ``max_tokens`` tokens (the end is kept, so the generation prompt is always there)."""
-    from ..tokenizer import as_tokenizer
+    from tta_engine.tokenizer import as_tokenizer
 
     ids = as_tokenizer(tokenizer).apply_chat_template(bench_messages(action), add_generation_prompt=True)
     return ids[-max_tokens:]
