@@ -345,8 +345,9 @@ def _add_bench(sub) -> None:
                              "part of the installed package): clone the repository, `make setup`, then "
                              "`.venv/bin/tta-engine bench` or `make bench`")
 
-    p = sub.add_parser("bench", help="benchmarks (from a source checkout only)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    # prefix_chars without "-": every bench option lands in ``rest`` and gets the message below
+    p = sub.add_parser("bench", help="benchmarks (from a source checkout only)", prefix_chars="+", add_help=False)
+    p.add_argument("rest", nargs="*")
     p.set_defaults(func=unavailable)
 
 
