@@ -56,7 +56,7 @@ def _open_lm(args, name: str):
     from .runtime import open_language_model
 
     return open_language_model(_cfg(args, name), artifacts_root=args.artifacts, backend=args.backend,
-                               threads=args.threads)
+                               threads=args.threads, device=args.device)
 
 
 def _stream_reply(lm, messages, kwargs) -> str:
@@ -77,6 +77,7 @@ def _stream_reply(lm, messages, kwargs) -> str:
 
 def cmd_generate(args) -> int:
     lm = _open_lm(args, args.name)
+    print(f"[{args.name}: {lm.kind} on {lm.device}]", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     _stream_reply(lm, messages, _sampling_kwargs(args))
@@ -87,7 +88,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     lm = _open_lm(args, args.name)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chatting with {args.name} ({lm.kind}); empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"chatting with {args.name} ({lm.kind} on {lm.device}); empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -105,7 +106,10 @@ def cmd_chat(args) -> int:
 def cmd_embed(args) -> int:
     from .embeddings import open_encoder
 
-    enc = open_encoder(_cfg(args, args.name), artifacts_root=args.artifacts, backend=args.backend)
+    enc = open_encoder(_cfg(args, args.name), artifacts_root=args.artifacts, backend=args.backend,
+                       device=args.device)
+    kind = "onnx" if type(enc).__name__ == "OrtEncoder" else "torch"
+    print(f"[{args.name}: {kind} on {enc.device}]", file=sys.stderr)
     vecs = enc.encode(args.texts)
     for text, vec in zip(args.texts, vecs, strict=True):
         print(f"{text[:40]!r}: dim {len(vec)} [{', '.join(f'{x:.4f}' for x in vec[:6])}, ...]")
@@ -206,7 +210,7 @@ def cmd_serve(args) -> int:
                                  "export the key in it (or drop the option to serve without a key)")
     manager = TransformersModelManager(_configs(args), artifacts_root=args.artifacts, backend=args.backend,
                                        threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
-                                       max_loaded_models=args.max_loaded_models)
+                                       max_loaded_models=args.max_loaded_models, device=args.device)
     for name in args.models:
         manager.resolve_name(name)  # an unknown name fails here, before the port is bound
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -221,8 +225,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", type=Path, default=None, help="artifacts root (default: ./artifacts or $TTA_ENGINE_ARTIFACTS)")
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, type=_device_arg,
+                   help="auto (GPU when the backend can use it), cpu, cuda or cuda:N (default: the config's)")
+
+
+def _device_arg(value: str) -> str:
+    from .device import parse_device
+    from .errors import ConfigError
+
+    try:
+        parse_device(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
@@ -241,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="compile a configured model into a validated ONNX artifact")
     _add_common(p)
     p.add_argument("name")
-    p.add_argument("--precision", action="append", choices=["fp32", "int8", "int4"],
+    p.add_argument("--precision", action="append", choices=["fp32", "fp16", "int8", "int4"],
                    help="repeatable; default: the config's precision")
     p.add_argument("--out", type=Path, default=None, help="artifacts root to write into")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto")
@@ -267,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed texts and print their cosine similarities")
     _add_common(p)
     p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    add_device_option(p)
     p.add_argument("name")
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_embed)
@@ -309,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'Authorization: Bearer <key>'")
     p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    add_device_option(p)
     p.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="batch rows per model")
     p.add_argument("--max-queue", dest="max_queue", type=int, default=64,
                    help="waiting requests per model before 429")

@@ -59,6 +59,7 @@ class _RowsView:
     kept per row range (``_views``), so the IO binding OrtDecoder caches on them survives between steps."""
 
     def __init__(self, big, start: int, stop: int):
+        self.memory, self.owner = big.memory, big  # where the buffers live; whose they are
         self.keys = [k[start:stop] for k in big.keys]
         self.values = [v[start:stop] for v in big.values]
         self.lengths = big.lengths[start:stop].copy()
@@ -106,8 +107,8 @@ class PrefixCache:
         with self.lock:
             if any(len(k) >= n and k[:n] == key for k in self.entries):
                 return  # already covered by a stored sequence
-        keys = [k[row, :, :n].copy() for k in big.keys]
-        values = [v[row, :, :n].copy() for v in big.values]
+        keys = [big.memory.clone(k[row, :, :n]) for k in big.keys]
+        values = [big.memory.clone(v[row, :, :n]) for v in big.values]
         with self.lock:
             for k in [k for k in self.entries if len(k) < n and key[:len(k)] == k]:
                 del self.entries[k]  # a prefix of the new entry: redundant
@@ -295,7 +296,7 @@ class BatchScheduler:
         return rows
 
     def _view(self, start: int, stop: int) -> _RowsView:
-        key = (self.big.keys[0].ctypes.data, self.big.capacity)
+        key = self.big.address
         if key != self._views_key:  # buffers grew: old views point at freed memory
             self._views, self._views_key = {}, key
         view = self._views.get((start, stop))

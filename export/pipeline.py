@@ -29,7 +29,7 @@ from tta_engine.artifact import (
     staged_artifact,
     write_manifest,
 )
-from tta_engine.config import ModelConfig
+from tta_engine.config import PRECISIONS, ModelConfig
 from tta_engine.errors import ExportError
 from tta_engine.sources import (
     ResolvedSource,
@@ -117,9 +117,9 @@ def export_models(cfg: ModelConfig, precisions: list[str], options: ExportOption
                   quiet: bool = False) -> list[Artifact]:
     """Export ``cfg`` at each precision. Stages 1-3 run once (load, export, optimize, with the fp32 graph
     validated); stages 4-6 (quantize, validate, write) run per precision, each published atomically."""
-    bad = [p for p in precisions if p not in ("fp32", "int8", "int4")]
+    bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
-        raise ExportError(f"precision {bad[0] if bad else None!r} is not one of fp32, int8, int4")
+        raise ExportError(f"precision {bad[0] if bad else None!r} is not one of {', '.join(PRECISIONS)}")
     root = artifact_dir(options.out_root, cfg.name, precisions[0]).parent
     root.mkdir(parents=True, exist_ok=True)
     progress = Progress(f"{cfg.name} ({', '.join(precisions)})", quiet=quiet)
@@ -278,7 +278,8 @@ class DecoderExport:
     def _check(self, path: Path, extra_meta: dict | None = None) -> dict:
         from tta_engine.ort_decoder import OrtDecoder
 
-        dec = OrtDecoder(path, dict(self.meta, graph=self.graph, **(extra_meta or {})))
+        # validated on the CPU on every machine: the manifest's figures do not depend on a GPU being there
+        dec = OrtDecoder(path, dict(self.meta, graph=self.graph, **(extra_meta or {})), device="cpu")
         try:
             return validate.compare_decoder(self.refs, dec, self.prompts, self.options.greedy_steps)
         finally:
@@ -378,7 +379,7 @@ class EncoderExport:
     def _check(self, path: Path) -> dict:
         from tta_engine.embeddings import OrtEncoder
 
-        enc = OrtEncoder(self.stage_dir, model_file=path.name, tokenizer=self.tokenizer)
+        enc = OrtEncoder(self.stage_dir, model_file=path.name, tokenizer=self.tokenizer, device="cpu")
         try:
             return validate.compare_encoder(self.st, enc)
         finally:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+from tta_engine.kv_memory import HostMemory
 from tta_engine.scheduler import PrefixCache, common_prefix
 
 
 class Big:
     """The part of a batched FusedKVCache that PrefixCache.store reads: per-layer [rows, heads, cap, dim]."""
+
+    memory = HostMemory()
 
     def __init__(self, layers: int = 2, rows: int = 2, capacity: int = 64):
         rng = np.random.default_rng(0)
