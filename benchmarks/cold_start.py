@@ -31,10 +31,33 @@ from tta_engine.tokenizer import Tokenizer
 from tta_engine.generator import GenerationState, generate_events
 out = {"import": time.perf_counter() - t0}
 base = rss()["VmRSS"]
-path, verify = sys.argv[1], sys.argv[2] == "1"
+path, verify, variant = sys.argv[1], sys.argv[2] == "1", json.loads(sys.argv[3])
+if variant:  # session options under test: wrap the runtime's own session factory
+    import tta_engine.ort_decoder as od
+    import tta_engine.ort_session as osess
+    def create_session(p, **kw):
+        import onnxruntime as ort
+        real = ort.InferenceSession
+        def patched(model, sess_options=None, providers=None):
+            for k, v in variant.get("config", {}).items():
+                sess_options.add_session_config_entry(k, v)
+            if "arena" in variant:
+                sess_options.enable_cpu_mem_arena = variant["arena"]
+            if "opt_level" in variant:
+                sess_options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, variant["opt_level"])
+            return real(model, sess_options=sess_options, providers=providers)
+        ort.InferenceSession = patched
+        try:
+            return osess.create_session(p, **kw)
+        finally:
+            ort.InferenceSession = real
+    od.create_session = create_session
 t = time.perf_counter(); art = load_artifact(path, verify=verify); out["manifest"] = time.perf_counter() - t
 t = time.perf_counter()
-dec = OrtDecoder(art.file("model.onnx"), art.manifest["decoder"])
+meta = dict(art.manifest["decoder"])
+if variant.get("no_prefill_graph"):
+    meta.pop("prefill", None)
+dec = OrtDecoder(art.file("model.onnx"), meta)
 out["sessions"] = time.perf_counter() - t
 loaded = rss()["VmRSS"]
 t = time.perf_counter(); tok = Tokenizer.from_artifact(art.path, art.manifest["tokenizer"])
@@ -49,16 +72,26 @@ events = generate_events(dec, tok, ids, SamplingParams(temperature=0, max_new_to
 next(events)
 out["first_token"] = time.perf_counter() - t
 out["total"] = time.perf_counter() - t0
+events.close()
+warm = []
+for _ in range(3):  # the same prompt again, in the same process: TTFT once loaded
+    t = time.perf_counter()
+    ev = generate_events(dec, tok, ids, SamplingParams(temperature=0, max_new_tokens=2), lm.eos_ids,
+                         state=GenerationState(len(ids)))
+    next(ev)
+    warm.append(time.perf_counter() - t)
+    ev.close()
+out["warm_ttft"] = sorted(warm)[1]
+out["prompt_tokens"] = len(ids)
 r = rss()
 out.update(model_rss_mb=loaded - base, peak_rss_mb=r["VmHWM"], rss_after_first_token_mb=r["VmRSS"] - base)
 print(json.dumps(out))
 """
 
 
-def run_once(path: str, verify: bool, env_extra: dict[str, str]) -> dict:
-    env = {**os.environ, **env_extra}
-    proc = subprocess.run([sys.executable, "-c", CHILD, path, "1" if verify else "0"], capture_output=True,
-                          text=True, env=env, timeout=300)
+def run_once(path: str, verify: bool, variant: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, path, "1" if verify else "0", json.dumps(variant)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -73,17 +106,22 @@ def main() -> int:
     args = ap.parse_args()
     path = os.path.join(args.artifacts, args.model, args.precision)
     variants = {
-        "as loaded by the runtime (sizes checked, no hashing)": (False, {}),
+        "runtime defaults, no hashing": (False, {}),
         "+ sha256 of every file on load": (True, {}),
+        "prepacking off": (False, {"config": {"session.disable_prepacking": "1"}}),
+        "CPU arena off": (False, {"arena": False}),
+        "graph optimizations: basic": (False, {"opt_level": "ORT_ENABLE_BASIC"}),
+        "without the int8 prefill graph": (False, {"no_prefill_graph": True}),
     }
     samples: dict[str, list[dict]] = {k: [] for k in variants}
     run_once(path, False, {})  # page cache
     for rep in range(args.reps):
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))
         for name in order:
-            verify, env = variants[name]
-            samples[name].append(run_once(path, verify, env))
-    keys = ["import", "manifest", "sessions", "tokenizer", "first_token", "total", "model_rss_mb", "peak_rss_mb"]
+            verify, variant = variants[name]
+            samples[name].append(run_once(path, verify, variant))
+    keys = ["import", "manifest", "sessions", "tokenizer", "first_token", "total", "warm_ttft", "model_rss_mb",
+            "rss_after_first_token_mb", "peak_rss_mb"]
     print(f"{args.model} {args.precision}: median of {args.reps} fresh processes")
     print("| variant | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
