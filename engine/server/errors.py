@@ -68,7 +68,8 @@ def error_body(exc: BaseException) -> JSONResponse:
     if isinstance(exc, _UNAVAILABLE):
         return error_response(503, msg, "server_error", code="model_unavailable", headers={"Retry-After": "5"})
     if isinstance(exc, E.TTAEngineError):  # InvalidRequest, SamplingParamError, EmptyInputError, ...
-        param = getattr(exc, "param", None) or _param_of(msg)
+        structured = type(exc).__name__ == "StructuredOutputError"  # a response_format that does not compile
+        param = "response_format" if structured else getattr(exc, "param", None) or _param_of(msg)
         return error_response(400, msg, "invalid_request_error", param, "invalid_value")
     log.error("internal error", exc_info=exc)
     return error_response(500, f"internal error: {type(exc).__name__}: {msg}", "server_error")

@@ -8,6 +8,7 @@ raise ``InvalidRequest`` naming the field (-> HTTP 400).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,6 +64,7 @@ class _Sampling(_Body):
     top_p: float | None = None
     top_k: int | None = None  # llama-cpp-python extension
     repeat_penalty: float | None = None  # llama-cpp-python extension (HF repetition_penalty)
+    min_tokens: int | None = None  # vLLM extension: EOS is masked until this many tokens were generated
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = 1
@@ -86,7 +88,8 @@ class _Sampling(_Body):
         if self.logit_bias:
             raise InvalidRequest("logit_bias is not supported by this server; remove it", "logit_bias")
         kw: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                              "top_k": self.top_k, "repetition_penalty": self.repeat_penalty}
+                              "top_k": self.top_k, "repetition_penalty": self.repeat_penalty,
+                              "min_new_tokens": self.min_tokens}
         if self.stop is not None:
             kw["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.seed is not None:
@@ -131,6 +134,9 @@ class ChatCompletionRequest(_Sampling):
                                      "max_completion_tokens")
             kw["max_tokens"] = self.max_completion_tokens
         if self.response_format is not None and self.response_format.get("type") != "text":
+            if importlib.util.find_spec("tta_engine.structured") is None:
+                raise InvalidRequest("response_format needs structured-output support (tta_engine.structured), "
+                                     "which this build lacks; drop response_format", "response_format")
             kw["response_format"] = self.response_format
         return kw
 
