@@ -144,7 +144,8 @@ def _defaults(cfg: ModelConfig | None) -> SamplingParams:
 
 
 def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, threads: int | None = None,
-                     device: str | None = None) -> LanguageModel:
+                     device: str | None = None, cuda_graph: bool = False) -> LanguageModel:
+    """``cuda_graph``: decode steps replayed as CUDA graphs on a GPU (see OrtDecoder; off by default)."""
     from .ort_decoder import OrtDecoder
     from .tokenizer import Tokenizer
 
@@ -152,7 +153,7 @@ def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, thre
         raise ArtifactError(f"{artifact.path} holds a {artifact.kind!r} model, not a causal LM")
     meta = artifact.manifest["decoder"]
     device = device or (cfg.device if cfg is not None else "auto")
-    backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device)
+    backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device, cuda_graph=cuda_graph)
     tokenizer = Tokenizer.from_artifact(artifact.path, artifact.manifest.get("tokenizer"))
     return LanguageModel(artifact.name, backend, tokenizer, meta["eos_token_ids"], _defaults(cfg), kind="onnx",
                          size_bytes=artifact.size_bytes, device=str(backend.device))
@@ -188,9 +189,10 @@ def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None, device: str
 
 def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None = None, backend: str | None = None,
                         cache_dir: str | None = None, threads: int | None = None,
-                        device: str | None = None) -> LanguageModel:
+                        device: str | None = None, cuda_graph: bool = False) -> LanguageModel:
     """The compiled artifact; with backend "auto" and no artifact published, the PyTorch fallback.
-    ``device`` (default: the config's) is resolved by engine/device.py for the backend that opens.
+    ``device`` (default: the config's) is resolved by engine/device.py for the backend that opens;
+    ``cuda_graph`` applies to an artifact on a GPU (see OrtDecoder).
 
     Nothing is exported here (the manager's ``export_on_demand`` and the CLI's ``--export`` do that):
     a damaged artifact raises ArtifactCorruptedError, and a missing one, when PyTorch cannot stand in,
@@ -198,7 +200,7 @@ def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None =
     device = device or cfg.device
     path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
     if use_artifact(path, backend or cfg.backend):
-        return open_artifact_lm(load_artifact(path), cfg, threads=threads, device=device)
+        return open_artifact_lm(load_artifact(path), cfg, threads=threads, device=device, cuda_graph=cuda_graph)
     return open_torch_lm(cfg, cache_dir=cache_dir, device=device)
 
 
