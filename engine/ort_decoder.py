@@ -26,8 +26,15 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32}
 
 
+PREFILL_CHUNK = 64  # positions per prompt chunk (see OrtDecoder.prefill); benchmarks/measure_invariance.py
+
+
 class FusedKVCache:
-    """Per-layer K/V buffers [batch, kv_heads, capacity, head_dim] and each row's valid length."""
+    """Per-layer K/V buffers [batch, kv_heads, capacity, head_dim] and each row's valid length.
+
+    Row operations (``copy_row``, ``snapshot_row``, ``load_row``) are the only way KV moves between rows
+    and out of / into the cache; ``rows(start, stop)`` is a view of a row range that OrtDecoder.forward
+    accepts like a cache. ``bindings`` holds the IO bindings OrtDecoder builds on these buffers."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  max_capacity: int):
@@ -38,6 +45,8 @@ class FusedKVCache:
         self.keys = [self._alloc(batch, self.capacity) for _ in range(num_layers)]
         self.values = [self._alloc(batch, self.capacity) for _ in range(num_layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
+        self.bindings = _Bindings()
+        self._views: dict[tuple[int, int], KVRows] = {}
 
     def _alloc(self, batch: int, capacity: int) -> np.ndarray:
         kv_heads, head_dim = self.shape_tail
@@ -66,11 +75,63 @@ class FusedKVCache:
                         new[row, :, :n] = old[row, :, :n]
                 bufs[i] = new
         self.capacity = new_cap
+        self._views = {}  # they point at the old buffers
+
+    # -- row operations -----------------------------------------------------------------------------
+    def copy_row(self, dst: int, src: int, n: int) -> None:
+        """Positions [0, n) of row ``src`` into row ``dst`` (every layer, keys and values)."""
+        if dst != src and n > 0:
+            for buf in (*self.keys, *self.values):
+                buf[dst, :, :n] = buf[src, :, :n]
+
+    def snapshot_row(self, row: int, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """A copy of positions [0, n) of ``row``: (keys, values), one [kv_heads, n, head_dim] per layer."""
+        return ([k[row, :, :n].copy() for k in self.keys], [v[row, :, :n].copy() for v in self.values])
+
+    def load_row(self, row: int, snapshot: tuple[list[np.ndarray], list[np.ndarray]], n: int) -> None:
+        """Positions [0, n) of a ``snapshot_row`` result into ``row``."""
+        for dst, src in ((self.keys, snapshot[0]), (self.values, snapshot[1])):
+            for buf, part in zip(dst, src, strict=True):
+                buf[row, :, :n] = part[:, :n]
+
+    def rows(self, start: int, stop: int) -> KVRows:
+        """View of rows [start, stop), with their current lengths. Views are kept per range until the
+        buffers grow, so the IO bindings OrtDecoder builds on them are reused between steps."""
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = KVRows(self, start, stop)
+        view.lengths = self.lengths[start:stop].copy()
+        return view
 
     def close(self) -> None:
         self.keys, self.values = [], []
-        self.__dict__.pop("_io", None)
-        self.__dict__.pop("_io_buffers", None)
+        self._views = {}
+        self.bindings.clear()
+
+
+class KVRows:
+    """Rows [start, stop) of a FusedKVCache, shaped like a cache for OrtDecoder.forward (which updates
+    ``lengths`` here; the owner copies them back)."""
+
+    def __init__(self, big: FusedKVCache, start: int, stop: int):
+        self.keys = [k[start:stop] for k in big.keys]
+        self.values = [v[start:stop] for v in big.values]
+        self.lengths = big.lengths[start:stop].copy()
+        self.capacity = big.capacity
+        self.bindings = _Bindings()
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def ensure_capacity(self, needed: int) -> None:
+        assert needed <= self.capacity, "the owner grows the batched cache before a step"
+
+
+class _Bindings(dict):
+    """IO bindings per session, valid while the buffers they point at stay where they are (``owner``)."""
+
+    owner: tuple | None = None
 
 
 class OptimumKVCache:
@@ -107,6 +168,10 @@ class OrtDecoder:
             self.prefill_session = create_session(Path(model_path).parent / prefill["file"], threads=threads,
                                                   device=device)
             self.prefill_min_tokens = int(prefill.get("min_tokens", 16))
+        # Prompts run in chunks aligned to absolute positions (multiples of prefill_chunk), always on the
+        # prefill graph: a position's KV and logits then depend only on the tokens up to it, never on how
+        # much of the prompt was reused from a cache (the determinism contract, engine/scheduler.py).
+        self.prefill_chunk = int((prefill or {}).get("chunk", PREFILL_CHUNK))
         self.last_logits = bool(decoder_meta.get("fused", {}).get("last_position_logits", False))
         self.meta = decoder_meta
         self.layout = decoder_meta["graph"]
@@ -146,6 +211,19 @@ class OrtDecoder:
         cache.lengths = new_lengths
         return logits if all_logits else logits[:, -1, :]
 
+    def prefill(self, cache, ids: np.ndarray) -> np.ndarray:
+        """Append prompt tokens ``ids`` [batch, seq] (rows at equal lengths) in chunks that end at multiples
+        of ``prefill_chunk`` (fused layout; others in one call); logits of the last position [batch, vocab]."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.layout != "fused":
+            return self.forward(cache, ids)
+        start, chunk, logits, i = int(cache.lengths[0]), self.prefill_chunk, None, 0
+        while i < ids.shape[1]:
+            end = min(ids.shape[1], (start + i) // chunk * chunk + chunk - start)
+            logits = self.forward(cache, ids[:, i:end], prefill_graph=True)
+            i = end
+        return logits
+
     def _forward_fused(self, cache: FusedKVCache, ids: np.ndarray, new_lengths: np.ndarray,
                        prefill_graph: bool = False) -> np.ndarray:
         cache.ensure_capacity(int(new_lengths.max()))
@@ -166,9 +244,10 @@ class OrtDecoder:
         the logits bound to a preallocated buffer when the graph emits the last position only. Kept on
         the cache per session and rebuilt only when the buffers move (growth): ~120 binds saved a step."""
         buffers = (cache.keys[0].ctypes.data, cache.keys[0].shape)
-        if cache.__dict__.get("_io_buffers") != buffers:  # new cache, or its buffers moved (growth)
-            cache._io, cache._io_buffers = {}, buffers
-        bindings = cache._io
+        bindings = cache.bindings
+        if bindings.owner != buffers:  # new cache, or its buffers moved (growth)
+            bindings.clear()
+            bindings.owner = buffers
         key = id(session)
         if key in bindings:
             return bindings[key]
