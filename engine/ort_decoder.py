@@ -26,9 +26,6 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32}
 
 
-PREFILL_CHUNK = 64  # positions per prompt chunk (see OrtDecoder.prefill); benchmarks/measure_invariance.py
-
-
 class FusedKVCache:
     """Per-layer K/V buffers [batch, kv_heads, capacity, head_dim] and each row's valid length.
 
@@ -168,10 +165,6 @@ class OrtDecoder:
             self.prefill_session = create_session(Path(model_path).parent / prefill["file"], threads=threads,
                                                   device=device)
             self.prefill_min_tokens = int(prefill.get("min_tokens", 16))
-        # Prompts run in chunks aligned to absolute positions (multiples of prefill_chunk), always on the
-        # prefill graph: a position's KV and logits then depend only on the tokens up to it, never on how
-        # much of the prompt was reused from a cache (the determinism contract, engine/scheduler.py).
-        self.prefill_chunk = int((prefill or {}).get("chunk", PREFILL_CHUNK))
         self.last_logits = bool(decoder_meta.get("fused", {}).get("last_position_logits", False))
         self.meta = decoder_meta
         self.layout = decoder_meta["graph"]
@@ -212,17 +205,13 @@ class OrtDecoder:
         return logits if all_logits else logits[:, -1, :]
 
     def prefill(self, cache, ids: np.ndarray) -> np.ndarray:
-        """Append prompt tokens ``ids`` [batch, seq] (rows at equal lengths) in chunks that end at multiples
-        of ``prefill_chunk`` (fused layout; others in one call); logits of the last position [batch, vocab]."""
+        """Append prompt tokens ``ids`` [batch, seq]; logits of the last position [batch, vocab]. The fused
+        layout runs every prompt chunk on the prefill graph (when the artifact has one), whatever its
+        length: measured on the int4 default (benchmarks/measure_invariance.py), that graph computes a
+        position's KV and logits bit-identically however the prompt is split into chunks of >= 2 tokens,
+        which is what lets the batch scheduler reuse a prefix without changing the output."""
         ids = np.asarray(ids, dtype=np.int64)
-        if self.layout != "fused":
-            return self.forward(cache, ids)
-        start, chunk, logits, i = int(cache.lengths[0]), self.prefill_chunk, None, 0
-        while i < ids.shape[1]:
-            end = min(ids.shape[1], (start + i) // chunk * chunk + chunk - start)
-            logits = self.forward(cache, ids[:, i:end], prefill_graph=True)
-            i = end
-        return logits
+        return self.forward(cache, ids, prefill_graph=self.layout == "fused")
 
     def _forward_fused(self, cache: FusedKVCache, ids: np.ndarray, new_lengths: np.ndarray,
                        prefill_graph: bool = False) -> np.ndarray:

@@ -12,17 +12,18 @@ contiguous view bound in place (GroupQueryAttention takes each row's own length)
 (Optimum graph, PyTorch) keep one cache per request and step the rows one after another.
 
 Determinism: a request's output depends only on the request (prompt, sampling parameters, seed), not
-on the cache state or on what else is batched. Prompts run in chunks aligned to absolute positions
-(OrtDecoder.prefill: multiples of ``prefill_chunk``, always on the prefill graph), so a position's KV is
-the same whether the prompt was prefilled cold or after reusing a prefix -- provided the reused KV was
-itself computed that way ("canonical"). Reuse is therefore limited to canonical KV and cut at a chunk
-boundary; decode steps compute each row on its own (measured bit-identical to stepping it alone,
-benchmarks/measure_invariance.py), and each request samples with its own generator.
+on the cache state or on what else is batched. Measured facts it rests on (benchmarks/
+measure_invariance.py, int4 default and tiny models): a decode step computes each row bit-identically
+to stepping that row alone; the prefill graph computes a position identically however the prompt is
+split into chunks of >= 2 tokens, but differently in a 1-token chunk or on the decode graph. So prompts
+always run on the prefill graph (OrtDecoder.prefill), reuse leaves at least 2 prompt tokens to compute,
+and only "canonical" KV is reused -- positions a cold prefill would compute the same way: prompts, not
+replies (decoded on the decode graph). Each request samples with its own seeded generator.
 
 Prefix reuse (fused graph): a finished request's row keeps its KV -- prompt *and* reply -- resident,
-and while the model has nothing else to do the scheduler recomputes the reply part canonically, one
-chunk at a time (``_canonicalize_one``), so the next turn of the same conversation, which repeats all of
-it, prefills only the new tokens plus less than a chunk, in place, without a copy. A new prompt is
+and while the model has nothing else to do the scheduler recomputes the reply part on the prefill graph,
+a chunk at a time (``_canonicalize_one``), so the next turn of the same conversation, which repeats all
+of it, prefills only its new tokens, in place, without a copy. A new prompt is
 matched (longest common token prefix) against the canonical KV of the resident rows, the rows still
 decoding, and a bounded LRU of KV copies (``PrefixCache``) that keeps a conversation's KV when its row
 is needed by another one.
@@ -129,7 +130,6 @@ class BatchScheduler:
         self.prefix = PrefixCache(prefix_cache_entries, max_bytes=prefix_cache_bytes) if self.fused else None
         self.reuse = self.fused and prefix_cache_entries > 0
         self.big = self.backend.new_cache(max_batch, capacity=initial_capacity) if self.fused else None
-        self.chunk = getattr(self.backend, "prefill_chunk", 1)
         self.resident: list[tuple[int, ...] | None] = [None] * max_batch  # free rows' KV, by token sequence
         self.canon = [0] * max_batch  # positions [0, canon) of a row hold canonical KV (reusable)
         self.pending: collections.deque[Request] = collections.deque()
@@ -243,9 +243,9 @@ class BatchScheduler:
         prompt, big = req.prompt_ids, self.big
         big.ensure_capacity(len(prompt) + req.params.max_new_tokens, keep=self._rows_in_use())
         reuse, source = self._best_prefix(prompt, row) if self.reuse else (0, None)
-        # reuse ends at a chunk boundary, before the last prompt token (always run, for its logits), so the
-        # rest is computed in the very chunks a cold prefill computes it in
-        reuse = min(reuse, len(prompt) - 1) // self.chunk * self.chunk
+        # at least 2 prompt tokens are computed (a 1-token chunk has other numerics than the same position
+        # in a longer chunk): the rest then gets the KV and logits a cold prefill gives it
+        reuse = max(min(reuse, len(prompt) - 2), 0)
         if reuse < self.prefix.min_tokens:
             reuse = 0
         resident, self.resident[row] = self.resident[row], None
@@ -264,7 +264,7 @@ class BatchScheduler:
         view = big.rows(row, row + 1)
         logits = prefill(self.backend, view, prompt[reuse:])
         big.lengths[row] = view.lengths[0]
-        self.canon[row] = len(prompt) // self.chunk * self.chunk
+        self.canon[row] = len(prompt) if len(prompt) >= 2 else 0
         return logits
 
     def _best_prefix(self, prompt: Sequence[int], row: int) -> tuple[int, object]:
@@ -300,21 +300,21 @@ class BatchScheduler:
         return rows
 
     def _idle_work(self) -> bool:
-        """Whether a resident row holds a full chunk of KV that is not canonical yet (a reply's)."""
-        return self.reuse and any(t is not None and len(t) // self.chunk * self.chunk > self.canon[r]
-                                  for r, t in enumerate(self.resident))
+        """Whether a resident row holds reply KV not recomputed on the prefill graph yet."""
+        return self.reuse and any(t is not None and len(t) - self.canon[r] >= 2 for r, t in enumerate(self.resident))
 
-    def _canonicalize_one(self) -> None:
-        """Recompute the next non-canonical chunk of one resident row on the prefill graph, in place, as a
-        cold prefill of the same tokens would (decoded positions came from the decode graph)."""
+    def _canonicalize_one(self, chunk: int = 64) -> None:
+        """Recompute up to ``chunk`` positions of one resident row's reply on the prefill graph, in place,
+        as a cold prefill of the same tokens computes them (the reply was decoded on the decode graph).
+        Chunks keep >= 2 tokens each; a request arriving meanwhile waits for one chunk at most."""
         for r, tokens in enumerate(self.resident):
             start = self.canon[r]
-            if tokens is not None and len(tokens) // self.chunk * self.chunk > start:
+            if tokens is not None and len(tokens) - start >= 2:
+                end = start + chunk if len(tokens) - (start + chunk) >= 2 else len(tokens)
                 self.big.lengths[r] = start
-                view = self.big.rows(r, r + 1)
-                prefill(self.backend, view, tokens[start: start + self.chunk])
+                prefill(self.backend, self.big.rows(r, r + 1), tokens[start:end])
                 self.big.lengths[r] = 0  # free row: its KV is described by resident / canon
-                self.canon[r] = start + self.chunk
+                self.canon[r] = end
                 return
 
     def _step(self) -> None:

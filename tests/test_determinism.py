@@ -81,9 +81,10 @@ def test_second_turn_reusing_the_first_equals_a_fresh_manager(root, configs, thi
         reused = m.stats()[MODEL]["reused_prompt_tokens"] - before
     finally:
         m.close()
-    assert reused >= 64  # prefix reuse happened (at least the world prefix's first chunk)
-    if think_time:  # the reply was recomputed: all but the last, partial chunk is reused
-        assert reused >= second["usage"]["prompt_tokens"] - 64 - 16
+    prompt1 = first["usage"]["prompt_tokens"]
+    assert reused >= prompt1 - 2  # turn 1's prompt, at least
+    if think_time:  # the reply was recomputed on the prefill graph: it is reused too (as far as its
+        assert reused > prompt1  # text re-tokenizes to the same ids)
     assert second["token_ids"] == fresh(root, configs, turn2, **SEEDED)
 
 
