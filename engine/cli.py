@@ -55,7 +55,7 @@ def _open_lm(args, name: str):
     from .runtime import open_language_model
 
     return open_language_model(_cfg(args, name), artifacts_root=args.artifacts, backend=args.backend,
-                               threads=args.threads)
+                               threads=args.threads, device=args.device)
 
 
 def _stream_reply(lm, messages, kwargs) -> str:
@@ -76,6 +76,7 @@ def _stream_reply(lm, messages, kwargs) -> str:
 
 def cmd_generate(args) -> int:
     lm = _open_lm(args, args.name)
+    print(f"[{args.name}: {lm.kind} on {lm.device}]", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     _stream_reply(lm, messages, _sampling_kwargs(args))
@@ -86,7 +87,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     lm = _open_lm(args, args.name)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chatting with {args.name} ({lm.kind}); empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"chatting with {args.name} ({lm.kind} on {lm.device}); empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -104,7 +105,10 @@ def cmd_chat(args) -> int:
 def cmd_embed(args) -> int:
     from .embeddings import open_encoder
 
-    enc = open_encoder(_cfg(args, args.name), artifacts_root=args.artifacts, backend=args.backend)
+    enc = open_encoder(_cfg(args, args.name), artifacts_root=args.artifacts, backend=args.backend,
+                       device=args.device)
+    kind = "onnx" if type(enc).__name__ == "OrtEncoder" else "torch"
+    print(f"[{args.name}: {kind} on {enc.device}]", file=sys.stderr)
     vecs = enc.encode(args.texts)
     for text, vec in zip(args.texts, vecs, strict=True):
         print(f"{text[:40]!r}: dim {len(vec)} [{', '.join(f'{x:.4f}' for x in vec[:6])}, ...]")
@@ -175,13 +179,58 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .manager import TransformersModelManager
+    from .server import serve
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise TTAEngineError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty; "
+                                 "export the key in it (or drop the option to serve without a key)")
+    manager = TransformersModelManager(_configs(args), artifacts_root=args.artifacts, backend=args.backend,
+                                       threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
+                                       max_loaded_models=args.max_loaded_models, device=args.device)
+    for name in args.models:
+        manager.resolve_name(name)  # an unknown name fails here, before the port is bound
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: serving on {args.host} without an API key (--api-key-env)", file=sys.stderr)
+    import signal
+
+    # uvicorn drains on SIGTERM, then re-raises it under the handler found at start: exit 0 after the drain
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    serve(manager, args.host, args.port, api_key=api_key, preload=tuple(args.models),
+          max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace)
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="model config TOML (default: packaged configs/models.toml)")
     p.add_argument("--artifacts", type=Path, default=None, help="artifacts root (default: ./artifacts or $TTA_ENGINE_ARTIFACTS)")
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, type=_device_arg,
+                   help="auto (GPU when the backend can use it), cpu, cuda or cuda:N (default: the config's)")
+
+
+def _device_arg(value: str) -> str:
+    from .device import parse_device
+    from .errors import ConfigError
+
+    try:
+        parse_device(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
@@ -200,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="compile a configured model into a validated ONNX artifact")
     _add_common(p)
     p.add_argument("name")
-    p.add_argument("--precision", action="append", choices=["fp32", "int8", "int4"],
+    p.add_argument("--precision", action="append", choices=["fp32", "fp16", "int8", "int4"],
                    help="repeatable; default: the config's precision")
     p.add_argument("--out", type=Path, default=None, help="artifacts root to write into")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto")
@@ -226,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed texts and print their cosine similarities")
     _add_common(p)
     p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    add_device_option(p)
     p.add_argument("name")
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_embed)
@@ -245,6 +295,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm", default="smollm2-135m-instruct")
     p.add_argument("--embedder", default="all-minilm-l6-v2")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn) over the model manager")
+    _add_common(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--models", nargs="*", default=[], metavar="NAME", help="models to load at startup")
+    p.add_argument("--api-key-env", dest="api_key_env", default=None, metavar="VAR",
+                   help="environment variable holding the API key; every route but /health then needs "
+                        "'Authorization: Bearer <key>'")
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    add_device_option(p)
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="batch rows per model")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=64,
+                   help="waiting requests per model before 429")
+    p.add_argument("--max-loaded-models", dest="max_loaded_models", type=int, default=4)
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=4 << 20,
+                   help="larger request bodies get 413")
+    p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float, default=30.0,
+                   help="seconds running requests may finish after SIGTERM before they are stopped")
+    p.set_defaults(func=cmd_serve)
 
     from .bench import add_bench_parser  # stdlib-only at import time
 

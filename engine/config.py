@@ -17,11 +17,12 @@ from typing import Any
 
 import tomllib
 
+from .device import parse_device
 from .errors import ConfigError, UnknownModelError
 
 MODEL_TYPES = ("causal_lm", "embedding")
 QUANTIZATIONS = (None, "8bit", "4bit")
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BACKENDS = ("auto", "onnx", "torch")
 SOURCE_KINDS = ("hub", "local", "gguf", "package")
 # The design note's quantization field maps onto the compiled artifact's precision.
@@ -83,6 +84,7 @@ class ModelConfig:
     quantization: str | None = None
     precision: str = "fp32"
     backend: str = "auto"
+    device: str = "auto"
     max_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 0.95
@@ -109,6 +111,10 @@ class ModelConfig:
             raise _fail(f, n, "precision", f"{self.precision!r} is not one of {PRECISIONS}")
         if self.backend not in BACKENDS:
             raise _fail(f, n, "backend", f"{self.backend!r} is not one of {BACKENDS}")
+        try:
+            parse_device(self.device)
+        except ConfigError as exc:
+            raise _fail(f, n, "device", str(exc)) from None
         if self.max_tokens < 1:
             raise _fail(f, n, "max_tokens", f"must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -135,7 +141,7 @@ class ModelConfig:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "model_type": (str,), "model_id": (str,), "tokenizer_id": (str,), "quantization": (str,),
-    "precision": (str,), "backend": (str,), "max_tokens": (int,), "temperature": (int, float),
+    "precision": (str,), "backend": (str,), "device": (str,), "max_tokens": (int,), "temperature": (int, float),
     "top_p": (int, float), "top_k": (int,), "repetition_penalty": (int, float),
     "supports_streaming": (bool,), "structured_output": (bool,), "context_length": (int,),
     "embedding_dimension": (int,), "normalize_embeddings": (bool,), "memory_bytes": (int,),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .device import Device, resolve_device
 from .inputs import check_texts
 from .ort_session import create_session
 
@@ -69,11 +70,13 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 class OrtEncoder:
     """An exported encoder artifact directory: model.onnx, tokenizer files, pooling config."""
 
-    def __init__(self, path: Path, *, threads: int | None = None, device: str = "auto", model_file: str = "model.onnx"):
+    def __init__(self, path: Path, *, threads: int | None = None, device: str | Device = "auto",
+                 model_file: str = "model.onnx"):
         from transformers import AutoTokenizer
 
         self.path = path
-        self.session = create_session(path / model_file, threads=threads, device=device)
+        self.device = resolve_device(device, "onnx")  # ORT copies the token ids in, the hidden states out
+        self.session = create_session(path / model_file, threads=threads, device=self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pooling, self.normalize, self.max_seq_length = read_pooling(path)
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -121,10 +124,11 @@ class OrtEncoder:
 class TorchEncoder:
     """PyTorch fallback: sentence-transformers itself, behind the same signature."""
 
-    def __init__(self, model_dir: Path, *, device: str = "cpu"):
+    def __init__(self, model_dir: Path, *, device: str | Device = "auto"):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(model_dir), device=device)
+        self.device = resolve_device(device, "torch")
+        self.model = SentenceTransformer(str(model_dir), device=self.device.torch_name)
         self.pooling, self.normalize, self.max_seq_length = read_pooling(model_dir)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = int(get_dim())
@@ -142,8 +146,9 @@ class TorchEncoder:
 
 
 def open_encoder(cfg, *, artifacts_root=None, backend: str | None = None, cache_dir: str | None = None,
-                 threads: int | None = None, export_if_missing: bool | None = None):
-    """The ONNX artifact when it exists (exporting it first when the config allows), else sentence-transformers."""
+                 threads: int | None = None, export_if_missing: bool | None = None, device: str | None = None):
+    """The ONNX artifact when it exists (exporting it first when the config allows), else sentence-transformers.
+    ``device``: default the config's ('auto' | 'cpu' | 'cuda' | 'cuda:N')."""
     import logging
 
     from .artifact import artifact_dir, load_artifact
@@ -151,6 +156,7 @@ def open_encoder(cfg, *, artifacts_root=None, backend: str | None = None, cache_
 
     log = logging.getLogger(__name__)
     backend = backend or cfg.backend
+    device = device or cfg.device
     path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
     if backend != "torch":
         export = cfg.export_on_demand if export_if_missing is None else export_if_missing
@@ -161,6 +167,6 @@ def open_encoder(cfg, *, artifacts_root=None, backend: str | None = None, cache_
             export_model(cfg, ExportOptions(precision=cfg.precision, out_root=path.parents[1], cache_dir=cache_dir))
         if (path / "manifest.json").is_file() or backend == "onnx":
             art = load_artifact(path)
-            return OrtEncoder(art.path, threads=threads)
+            return OrtEncoder(art.path, threads=threads, device=device)
         log.warning("no artifact for %s at %s: using sentence-transformers (PyTorch)", cfg.name, path)
-    return TorchEncoder(resolve_source(cfg, cache_dir).directory)
+    return TorchEncoder(resolve_source(cfg, cache_dir).directory, device=device)

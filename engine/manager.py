@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig, coerce_configs
+from .device import parse_device
 from .errors import ModelTypeError, UnknownModelError
 from .generator import Completion, GenerationState
 from .inputs import check_texts
@@ -63,6 +64,7 @@ class _Loaded:
     model: Any  # LanguageModel | OrtEncoder | TorchEncoder
     size_bytes: int
     backend: str
+    device: str = "cpu"  # the resolved device: 'cpu' or 'cuda:N'
     scheduler: BatchScheduler | None = None
     in_flight: int = 0
     tokenizer: Any = None
@@ -107,7 +109,7 @@ class TransformersModelManager:
                  memory_budget_bytes: int | None = None, max_batch: int = 16, max_queue: int = 64,
                  prefix_cache_entries: int = 8, prefix_cache_bytes: int = 256 << 20,
                  embedding_cache_size: int = 4096, threads: int | None = None, backend: str | None = None,
-                 wide_step_rows: int = 0):
+                 wide_step_rows: int = 0, device: str | None = None):
         self.model_configs: dict[str, ModelConfig] = coerce_configs(model_configs)
         self.cache_dir = cache_dir
         self.artifacts_root = artifacts_root
@@ -116,6 +118,10 @@ class TransformersModelManager:
         self.max_batch, self.max_queue, self.prefix_cache_entries = max_batch, max_queue, prefix_cache_entries
         self.prefix_cache_bytes, self.wide_step_rows = prefix_cache_bytes, wide_step_rows
         self.threads, self.backend = threads, backend
+        # 'auto' | 'cpu' | 'cuda' | 'cuda:N' for every model (overrides the configs' device); None: per config
+        if device is not None:
+            parse_device(device)  # ConfigError now rather than at the first load
+        self.device = device
         self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -189,18 +195,19 @@ class TransformersModelManager:
             from .embeddings import OrtEncoder, open_encoder
 
             enc = open_encoder(cfg, artifacts_root=self.artifacts_root, backend=self.backend,
-                               cache_dir=self.cache_dir, threads=self.threads)
+                               cache_dir=self.cache_dir, threads=self.threads, device=self.device)
             size = _encoder_size(enc)
             return _Loaded(cfg.name, "embedding", enc, size, "onnx" if isinstance(enc, OrtEncoder) else "torch",
-                           tokenizer=getattr(enc, "tokenizer", None))
+                           device=str(enc.device), tokenizer=getattr(enc, "tokenizer", None))
         from .runtime import open_language_model
 
         lm = open_language_model(cfg, artifacts_root=self.artifacts_root, backend=self.backend,
-                                 cache_dir=self.cache_dir, threads=self.threads)
+                                 cache_dir=self.cache_dir, threads=self.threads, device=self.device)
         sched = BatchScheduler(lm, max_batch=self.max_batch, max_queue=self.max_queue,
                                prefix_cache_entries=self.prefix_cache_entries,
                                prefix_cache_bytes=self.prefix_cache_bytes, wide_step_rows=self.wide_step_rows)
-        return _Loaded(cfg.name, "causal_lm", lm, lm.size_bytes, lm.kind, scheduler=sched, tokenizer=lm.tokenizer)
+        return _Loaded(cfg.name, "causal_lm", lm, lm.size_bytes, lm.kind, device=lm.device, scheduler=sched,
+                       tokenizer=lm.tokenizer)
 
     def _evict_for(self, incoming: int, keep: str) -> None:
         """Evict least-recently-used idle models until count and memory budget admit ``incoming``."""
@@ -381,7 +388,11 @@ class TransformersModelManager:
                 entry = self._loaded.get(name)
                 d["loaded"] = entry is not None
                 if entry is not None:
-                    d.update(backend=entry.backend, size_bytes=entry.size_bytes, in_flight=entry.in_flight)
+                    d.update(backend=entry.backend, device=entry.device, size_bytes=entry.size_bytes,
+                             in_flight=entry.in_flight)
+                    if entry.scheduler is not None:  # requests waiting for a row, rows decoding, decode steps
+                        d.update(queue_depth=len(entry.scheduler.pending), active_rows=len(entry.scheduler.active),
+                                 scheduler_steps=entry.scheduler.steps)
                     if entry.scheduler is not None and entry.scheduler.prefix is not None:
                         p = entry.scheduler.prefix
                         d.update(prefix_cache_hits=p.hits, prefix_cache_misses=p.misses)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import BackendUnavailableError
+from .device import Device, resolve_device
 
 
 def physical_cores() -> int:
@@ -17,21 +17,20 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def providers(device: str = "auto") -> list[str]:
-    """CUDA when onnxruntime-gpu and a GPU are present (device auto/cuda), else CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise BackendUnavailableError(
-            "device='cuda' needs onnxruntime-gpu and a CUDA GPU: `pip install 'tta-engine[gpu]'`."
-        )
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+def providers(device: Device, *, cuda_graph: bool = False) -> list:
+    """The execution providers for a resolved device: CUDA (on that device, CPU for the rest) or CPU.
+    ``cuda_graph``: capture the run as a CUDA graph and replay it (ORT's ``enable_cuda_graph``; see
+    OrtDecoder for the conditions)."""
+    if device.is_cuda:
+        options = {"device_id": str(device.index)}
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def create_session(path: Path, *, threads: int | None = None, device: str = "auto"):
+def create_session(path: Path, *, threads: int | None = None, device: str | Device = "auto",
+                   cuda_graph: bool = False):
     """An InferenceSession with all graph optimizations and intra-op threads = physical cores.
 
     The pool's workers spin between the parallel sections of a run (fast) but stop as soon as the run
@@ -39,7 +38,9 @@ def create_session(path: Path, *, threads: int | None = None, device: str = "aut
     take the cores from the next run of *another* session -- an int4 artifact's int8 prefill graph after
     its int4 decode graph, or another loaded model (measured: a 20-token prefill after decoding took
     26-45 ms instead of 18 ms, the decode steps after a prefill 20 ms instead of 11 ms). Within a run they
-    still spin: a decode step costs the same either way (9.7 ms, A/B alternated)."""
+    still spin: a decode step costs the same either way (9.7 ms, A/B alternated).
+
+    ``device``: a setting ('auto', 'cpu', 'cuda', 'cuda:N') or a resolved :class:`Device`."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -49,4 +50,5 @@ def create_session(path: Path, *, threads: int | None = None, device: str = "aut
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     so.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(str(path), sess_options=so, providers=providers(device))
+    return ort.InferenceSession(str(path), sess_options=so,
+                                providers=providers(resolve_device(device, "onnx"), cuda_graph=cuda_graph))

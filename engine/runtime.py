@@ -33,8 +33,9 @@ class LanguageModel:
     """A causal LM ready to generate. Thread-safe for concurrent requests (each has its own KV cache)."""
 
     def __init__(self, name: str, backend, tokenizer, eos_ids: Sequence[int], defaults: SamplingParams,
-                 *, kind: str, size_bytes: int = 0):
+                 *, kind: str, size_bytes: int = 0, device: str = "cpu"):
         self.name, self.backend, self.tokenizer = name, backend, tokenizer
+        self.device = device  # the resolved device: "cpu" or "cuda:N"
         self.eos_ids = list(eos_ids)
         self.defaults = defaults
         self.kind = kind  # "onnx" | "torch"
@@ -133,7 +134,7 @@ def _defaults(cfg: ModelConfig | None) -> SamplingParams:
 
 
 def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, threads: int | None = None,
-                     device: str = "auto") -> LanguageModel:
+                     device: str | None = None) -> LanguageModel:
     from transformers import AutoTokenizer
 
     from .ort_decoder import OrtDecoder
@@ -141,16 +142,20 @@ def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, thre
     if artifact.kind != "causal_lm":
         raise ArtifactError(f"{artifact.path} holds a {artifact.kind!r} model, not a causal LM")
     meta = artifact.manifest["decoder"]
+    device = device or (cfg.device if cfg is not None else "auto")
     backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device)
     tokenizer = AutoTokenizer.from_pretrained(artifact.path)
     return LanguageModel(artifact.name, backend, tokenizer, meta["eos_token_ids"], _defaults(cfg), kind="onnx",
-                         size_bytes=artifact.size_bytes)
+                         size_bytes=artifact.size_bytes, device=str(backend.device))
 
 
-def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None) -> LanguageModel:
+def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None, device: str | None = None) -> LanguageModel:
+    """The PyTorch fallback on the resolved device (see sources.load_torch_causal_lm for dtypes)."""
+    from .device import resolve_device
     from .sources import eos_token_ids, load_tokenizer, load_torch_causal_lm, resolve_source
     from .torch_backend import TorchDecoder
 
+    dev = resolve_device(device or cfg.device, "torch")
     resolved = resolve_source(cfg, cache_dir)
     tokenizer = load_tokenizer(cfg, resolved)
     quant = cfg.quantization
@@ -158,19 +163,21 @@ def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None) -> Language
         log.warning("%s asks for %s quantization but bitsandbytes is not installed: the PyTorch fallback "
                     "runs in fp32 (`pip install 'tta-engine[quant]'` to quantize it)", cfg.name, quant)
         quant = None
-    model = load_torch_causal_lm(cfg, resolved, quantization=quant)
+    model = load_torch_causal_lm(cfg, resolved, quantization=quant, device=dev)
     context = min(int(getattr(model.config, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30)
     backend = TorchDecoder(model, context)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return LanguageModel(cfg.name, backend, tokenizer, eos_token_ids(model, tokenizer), _defaults(cfg),
-                         kind="torch", size_bytes=size)
+                         kind="torch", size_bytes=size, device=str(dev))
 
 
 def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None = None, backend: str | None = None,
                         cache_dir: str | None = None, export_if_missing: bool | None = None,
-                        threads: int | None = None) -> LanguageModel:
-    """The compiled artifact when it exists (exporting it first when the config allows), else PyTorch."""
+                        threads: int | None = None, device: str | None = None) -> LanguageModel:
+    """The compiled artifact when it exists (exporting it first when the config allows), else PyTorch.
+    ``device`` (default: the config's) is resolved by engine/device.py for the backend that opens."""
     backend = backend or cfg.backend
+    device = device or cfg.device
     path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
     if backend != "torch":
         if not (path / "manifest.json").is_file() and (cfg.export_on_demand if export_if_missing is None
@@ -181,7 +188,7 @@ def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None =
             export_model(cfg, ExportOptions(precision=cfg.precision, out_root=Path(path).parents[1],
                                             cache_dir=cache_dir))
         if (path / "manifest.json").is_file() or backend == "onnx":
-            return open_artifact_lm(load_artifact(path), cfg, threads=threads)
+            return open_artifact_lm(load_artifact(path), cfg, threads=threads, device=device)
         log.warning("no artifact for %s at %s: using the PyTorch fallback (run `tta-engine export %s`)",
                     cfg.name, path, cfg.name)
-    return open_torch_lm(cfg, cache_dir=cache_dir)
+    return open_torch_lm(cfg, cache_dir=cache_dir, device=device)

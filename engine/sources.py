@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
+from .device import CPU, Device
 from .errors import ModelNotAvailableError
 
 log = logging.getLogger(__name__)
@@ -102,17 +103,35 @@ def load_tokenizer(cfg: ModelConfig, resolved: ResolvedSource):
     return AutoTokenizer.from_pretrained(resolved.directory)
 
 
-def load_torch_causal_lm(cfg: ModelConfig, resolved: ResolvedSource, *, quantization: str | None = None):
-    """Load the PyTorch model (fp32 on CPU; bitsandbytes 8/4-bit when ``quantization`` asks for it)."""
+def torch_dtype_for(device: Device):
+    """fp32 on the CPU; on a GPU bf16 where it is supported (Ampere and later: fp32's range, so no
+    overflow in models such as Gemma), else fp16."""
     import torch
+
+    if not device.is_cuda:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_torch_causal_lm(cfg: ModelConfig, resolved: ResolvedSource, *, quantization: str | None = None,
+                         device: Device = CPU):
+    """Load the PyTorch model on ``device``: fp32 on the CPU, bf16/fp16 weights on a GPU, bitsandbytes
+    8-bit or 4-bit nf4 (placed on the device by bitsandbytes) when ``quantization`` asks for it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": torch.float32}
+    dtype = torch_dtype_for(device)
+    kwargs: dict = {"dtype": dtype}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file  # Transformers dequantizes GGUF into fp32 weights
     if quantization in ("8bit", "4bit"):
-        kwargs["quantization_config"] = bitsandbytes_config(quantization)
-    model = AutoModelForCausalLM.from_pretrained(resolved.directory, attn_implementation="eager", **kwargs)
+        kwargs["quantization_config"] = bitsandbytes_config(quantization, compute_dtype=dtype)
+        if device.is_cuda:
+            kwargs["device_map"] = {"": device.index}
+    # on a GPU, PyTorch's fused attention kernels (sdpa); on the CPU eager, as validated at export
+    attn = "sdpa" if device.is_cuda else "eager"
+    model = AutoModelForCausalLM.from_pretrained(resolved.directory, attn_implementation=attn, **kwargs)
+    if "device_map" not in kwargs and device.is_cuda:
+        model = model.to(device.torch_name)
     return model.eval()
 
 
@@ -131,7 +150,7 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
-def bitsandbytes_config(quantization: str):
+def bitsandbytes_config(quantization: str, compute_dtype=None):
     from transformers import BitsAndBytesConfig
 
     try:
@@ -145,4 +164,4 @@ def bitsandbytes_config(quantization: str):
         ) from exc
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)

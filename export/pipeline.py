@@ -29,7 +29,7 @@ from tta_engine.artifact import (
     staged_artifact,
     write_manifest,
 )
-from tta_engine.config import ModelConfig
+from tta_engine.config import PRECISIONS, ModelConfig
 from tta_engine.errors import ExportError
 from tta_engine.sources import (
     ResolvedSource,
@@ -116,9 +116,9 @@ def export_models(cfg: ModelConfig, precisions: list[str], options: ExportOption
                   quiet: bool = False) -> list[Artifact]:
     """Export ``cfg`` at each precision. The source is loaded, exported, fused and validated at fp32 once;
     each precision is then quantized, validated and published atomically on its own."""
-    bad = [p for p in precisions if p not in ("fp32", "int8", "int4")]
+    bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
-        raise ExportError(f"precision {bad[0] if bad else None!r} is not one of fp32, int8, int4")
+        raise ExportError(f"precision {bad[0] if bad else None!r} is not one of {', '.join(PRECISIONS)}")
     root = artifact_dir(options.out_root, cfg.name, precisions[0]).parent
     root.mkdir(parents=True, exist_ok=True)
     progress = Progress(f"{cfg.name} ({', '.join(precisions)})", quiet=quiet)
@@ -172,7 +172,8 @@ def _prepare_decoder(cfg, options, progress, work: Path):
     refs = validate.torch_reference(model, prompts, options.greedy_steps)
 
     def check(path: Path, graph: str, extra_meta: dict | None = None) -> dict:
-        dec = OrtDecoder(path, dict(meta, graph=graph, **(extra_meta or {})))
+        # validated on the CPU on every machine: the manifest's figures do not depend on a GPU being there
+        dec = OrtDecoder(path, dict(meta, graph=graph, **(extra_meta or {})), device="cpu")
         try:
             return validate.compare_decoder(refs, dec, prompts, options.greedy_steps)
         finally:
@@ -292,7 +293,7 @@ def _prepare_encoder(cfg, options, progress, work: Path):
     progress.done(f"{_node_count(raw)} nodes")
 
     def check(name: str) -> dict:
-        enc = OrtEncoder(stage_dir, model_file=name)
+        enc = OrtEncoder(stage_dir, model_file=name, device="cpu")
         try:
             return validate.compare_encoder(st, enc)
         finally:

@@ -298,4 +298,8 @@ def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> dict:
                 "lm_head": True, "embedding": "int8 Gather + DequantizeLinear"}
     if precision == "int4":
         return quantize_int4(src, dst, block_size=block_size)
+    if precision == "fp16":
+        from .fp16 import convert_fp16
+
+        return convert_fp16(src, dst)
     raise ValueError(f"no quantization for precision {precision!r}")

@@ -89,3 +89,47 @@ def test_manager_serves_defaults_and_unload_frees_memory(real):
     after = proc.memory_info().rss
     assert loaded - after > 0.5 * size, (before, loaded, after, size)
     m.close()
+
+
+def test_serve_answers_the_openai_client_like_the_manager_and_stops_on_sigterm(real):
+    """`tta-engine serve` as the game would run it: a subprocess on loopback, the official openai client,
+    greedy replies equal to the in-process manager's, SIGTERM exits cleanly."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+    import openai
+    from tta_engine.manager import TransformersModelManager
+
+    root, cfgs, _ = real
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tta_engine.cli", "serve", "--artifacts", str(root), "--port",
+                             str(port), "--models", LM, "--backend", "onnx"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, up = time.monotonic() + 180, False
+        while not up and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                up = LM in httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("loaded_models", [])
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert up, proc.stderr.read() if proc.poll() is not None else "server not ready"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "system", "content": "You are a gentle narrator."},
+                {"role": "user", "content": "I step into a quiet forest. What do I notice?"}]
+        r = client.chat.completions.create(model=LM, messages=msgs, temperature=0, max_tokens=32)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=LM, messages=msgs, temperature=0, max_tokens=32, stream=True))
+        emb = client.embeddings.create(model=EMB, input=["calm", "anxious"])
+        m = TransformersModelManager(cfgs, artifacts_root=root, backend="onnx")
+        ref = asyncio.run(m.generate(msgs, LM, temperature=0, max_tokens=32))
+        ref_vecs = m.embed(["calm", "anxious"], EMB)
+        m.close()
+        assert r.choices[0].message.content == streamed == ref and len(ref) > 10
+        assert np.allclose(np.array([d.embedding for d in emb.data]), ref_vecs, atol=1e-6)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0

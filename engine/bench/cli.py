@@ -33,6 +33,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated concurrent stream counts (default 1,2,4,8,16)")
     p.add_argument("--rss", choices=["subprocess", "delta", "off"], default=None)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every engine (default: each engine's own)")
+    from ..cli import add_device_option
+
+    add_device_option(p)  # where tta-engine's own engines run (the baselines stay where they are)
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -40,7 +43,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_bench(args) -> int:
     base = BenchSettings.quick() if args.quick else BenchSettings()
     settings = base.replace(reps=args.reps, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                            context_lengths=args.contexts, streams=args.streams, rss=args.rss, threads=args.threads)
+                            context_lengths=args.contexts, streams=args.streams, rss=args.rss, threads=args.threads,
+                            device=args.device)
     results = run_bench(args.model or DEFAULT_MODELS, args.out, args.quick, settings=settings,
                         artifacts_root=args.artifacts, config_path=args.config, engines=args.engines)
     for name, rec in results["models"].items():

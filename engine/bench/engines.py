@@ -107,7 +107,8 @@ class TtaLM(LMEngine):
         from ..runtime import open_artifact_lm
 
         art = load_artifact(self.spec["path"])  # verifies sha256 hashes, as the runtime does
-        self.lm = open_artifact_lm(art, threads=self.spec.get("threads"))
+        self.lm = open_artifact_lm(art, threads=self.spec.get("threads"), device=self.spec.get("device"))
+        self.device = self.lm.device
         self.size_bytes = art.size_bytes
         self.context_length = min(self.context_length, int(self.lm.backend.context_length))
 
@@ -327,7 +328,8 @@ class TtaEmb(EmbEngine):
         from ..embeddings import OrtEncoder
 
         art = load_artifact(self.spec["path"])
-        self.model = OrtEncoder(art.path, threads=self.spec.get("threads"))
+        self.model = OrtEncoder(art.path, threads=self.spec.get("threads"), device=self.spec.get("device") or "auto")
+        self.device = str(self.model.device)
         self.size_bytes = art.size_bytes
 
     def encode(self, texts, batch_size):

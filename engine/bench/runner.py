@@ -42,6 +42,11 @@ def _load_engines_for(cfg, engine_specs: Callable, make: Callable, artifacts_roo
     cache = Path(out_dir) / "cache" / cfg.name
     log(f"[{cfg.name}] preparing engines")
     specs, skipped, info = engine_specs(cfg, artifacts_root, cache, threads=settings.threads, only=engines, log=log)
+    for spec in specs:
+        if spec["engine"] == "tta":
+            spec["device"] = settings.device or cfg.device
+            if settings.device:
+                spec["label"] += f" --device {settings.device}"
     loaded = load_with_rss(specs, make, cfg.name, skipped, log, delta=settings.rss == "delta")
     return loaded, skipped, info
 

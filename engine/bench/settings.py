@@ -31,6 +31,7 @@ class BenchSettings:
     fidelity: bool = True
     greedy_steps: int = 32
     threads: int | None = None
+    device: str | None = None  # tta-engine's engines: 'auto' | 'cpu' | 'cuda' | 'cuda:N' (None: the config's)
 
     @classmethod
     def quick(cls, **overrides) -> BenchSettings:

@@ -1,0 +1,292 @@
+"""spaCy components on the engine, registered as factories (entry points ``spacy_factories``, so
+``nlp.add_pipe("tta_embeddings")`` works once tta-engine is installed):
+
+- ``tta_embeddings``: Doc, Span and Token vectors and ``similarity`` from the engine's sentence encoder,
+  through spaCy's user hooks (Doc vectors of a batch come from one embed call).
+- ``tta_textcat``: ``doc.cats`` for configured labels, zero-shot by nearest label prototypes in
+  embedding space (``mode = "prototype"``) or chosen by the LLM under constrained ``choice`` decoding
+  (``mode = "llm"``; one concurrent LLM request per doc of a batch).
+- ``tta_entities``: LLM entity extraction under a constrained JSON schema whose span texts can only be
+  token n-grams of the doc, aligned with ``doc.char_span`` and written to ``doc.ents`` (never over an
+  existing entity) or ``doc.spans[spans_key]``.
+
+Each is configured through spaCy's config system (model names, labels, batch size) and runs on the
+process-wide manager (``tta_engine.integrations.common.set_default_manager`` shares the game's).
+Needs ``pip install 'tta-engine[spacy]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from ..errors import TTAEngineError
+from .common import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, default_manager, require, run_sync
+
+require("spacy", "spacy")
+
+from spacy.language import Language  # noqa: E402
+from spacy.tokens import Doc, Span  # noqa: E402
+from spacy.util import filter_spans  # noqa: E402
+
+__all__ = ["EngineEmbeddings", "EngineEntities", "EngineTextCategorizer", "EMOTION_PROTOTYPES"]
+
+# Zero-shot prototypes of the game's emotion labels: each label's vector is the mean of its phrases'.
+EMOTION_PROTOTYPES: dict[str, list[str]] = {
+    "anxiety": ["I feel anxious and nervous.", "I'm worried about what will happen.",
+                "My stomach is in knots before the big day."],
+    "sadness": ["I feel sad and down.", "I miss them so much it hurts.", "Everything feels empty and grey."],
+    "anger": ["I am so angry right now.", "This is unfair and it makes me furious.",
+              "I want to shout at them."],
+    "joy": ["I feel happy and excited!", "This is wonderful, I love it.", "What a great day, I'm delighted."],
+    "fear": ["I'm scared something terrible is coming.", "I am terrified of the dark.",
+             "Something is chasing me and I'm frightened."],
+    "calm": ["I feel calm and relaxed.", "Everything is peaceful and quiet.", "I'm at ease and content."],
+}
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _batch_size(component, given: int | None) -> int:
+    """Docs per engine call: the component's configured ``batch_size``, or the smaller one ``nlp.pipe``
+    passes (spaCy passes its own, 1000 by default, to every component)."""
+    return min(given, component.batch_size) if given else component.batch_size
+
+
+def _manager(component) -> Any:
+    return component.manager if component.manager is not None else default_manager()
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(np.dot(a, b) / (na * nb)) if na and nb else 0.0
+
+
+class EngineEmbeddings:
+    """Vectors from the engine encoder for Docs (computed per batch) and Spans/Tokens (on first access,
+    cached by the manager), with cosine ``similarity``."""
+
+    def __init__(self, nlp: Language, name: str, model: str, batch_size: int, manager: Any = None):
+        self.name, self.model, self.batch_size, self.manager = name, model, batch_size, manager
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return _manager(self).embed(texts, self.model)
+
+    def __call__(self, doc: Doc) -> Doc:
+        return next(self.pipe([doc]))
+
+    def pipe(self, stream: Iterable[Doc], batch_size: int | None = None) -> Iterator[Doc]:
+        """One embed call per batch of docs (see ``_batch_size``)."""
+        for batch in _batches(stream, _batch_size(self, batch_size)):
+            nonempty = [d for d in batch if d.text.strip()]
+            vecs = self.embed([d.text for d in nonempty]) if nonempty else []
+            for doc, vec in zip(nonempty, vecs, strict=True):
+                self._set_hooks(doc, vec)
+            yield from batch
+
+    def _span_vector(self, span) -> np.ndarray:
+        text = span.text
+        if not text.strip():
+            return np.zeros(self._dim(), dtype=np.float32)
+        return self.embed([text])[0]
+
+    def _dim(self) -> int:
+        return int(self.embed(["a"]).shape[1])
+
+    def _set_hooks(self, doc: Doc, vec: np.ndarray) -> None:
+        def similarity(a, b) -> float:
+            return _cos(a.vector, b.vector)
+
+        doc.user_hooks["vector"] = lambda _doc: vec
+        doc.user_hooks["has_vector"] = lambda _doc: True
+        doc.user_hooks["vector_norm"] = lambda _doc: float(np.linalg.norm(vec))
+        doc.user_hooks["similarity"] = similarity
+        doc.user_span_hooks["vector"] = self._span_vector
+        doc.user_span_hooks["has_vector"] = lambda _span: True
+        doc.user_span_hooks["vector_norm"] = lambda span: float(np.linalg.norm(span.vector))
+        doc.user_span_hooks["similarity"] = similarity
+        doc.user_token_hooks["vector"] = self._span_vector
+        doc.user_token_hooks["has_vector"] = lambda _tok: True
+        doc.user_token_hooks["vector_norm"] = lambda tok: float(np.linalg.norm(tok.vector))
+        doc.user_token_hooks["similarity"] = similarity
+
+
+class EngineTextCategorizer:
+    """``doc.cats`` over ``labels``: cosine to label prototypes turned into a softmax (``mode="prototype"``)
+    or the LLM's constrained choice (1.0 for the chosen label, ``mode="llm"``)."""
+
+    def __init__(self, nlp: Language, name: str, labels: Sequence[str], mode: str, model: str, llm_model: str,
+                 prototypes: dict[str, list[str]] | None, scale: float, batch_size: int, instruction: str,
+                 manager: Any = None):
+        if mode not in ("prototype", "llm"):
+            raise TTAEngineError(f"tta_textcat mode {mode!r} is not supported; use 'prototype' or 'llm'")
+        labels = list(labels or (prototypes or EMOTION_PROTOTYPES))
+        if not labels:
+            raise TTAEngineError("tta_textcat needs at least one label: set labels or prototypes in its config")
+        self.name, self.labels, self.mode, self.model, self.llm_model = name, labels, mode, model, llm_model
+        self.prototypes = dict(prototypes) if prototypes else {}
+        self.scale, self.batch_size, self.instruction, self.manager = scale, batch_size, instruction, manager
+        self._centroids: np.ndarray | None = None
+
+    def label_phrases(self, label: str) -> list[str]:
+        """A label's prototype phrases: configured ones, the built-in emotion ones, or the label itself."""
+        return list(self.prototypes.get(label) or EMOTION_PROTOTYPES.get(label) or [label])
+
+    def centroids(self) -> np.ndarray:
+        if self._centroids is None:
+            rows = []
+            for label in self.labels:
+                c = _manager(self).embed(self.label_phrases(label), self.model).mean(axis=0)
+                rows.append(c / (np.linalg.norm(c) or 1.0))
+            self._centroids = np.stack(rows)
+        return self._centroids
+
+    def scores(self, texts: list[str]) -> list[dict[str, float]]:
+        if self.mode == "prototype":
+            sims = _manager(self).embed(texts, self.model) @ self.centroids().T
+            z = np.exp(self.scale * (sims - sims.max(axis=1, keepdims=True)))
+            probs = z / z.sum(axis=1, keepdims=True)
+            return [dict(zip(self.labels, map(float, p), strict=True)) for p in probs]
+        chosen = run_sync(self._choose(texts))
+        return [{lab: float(lab == c) for lab in self.labels} for c in chosen]
+
+    async def _choose(self, texts: list[str]) -> list[str]:
+        m = _manager(self)
+        fmt = {"type": "choice", "choices": self.labels}
+
+        async def one(text: str) -> str:
+            msgs = [{"role": "system", "content": self.instruction.format(labels=", ".join(self.labels))},
+                    {"role": "user", "content": text}]
+            out = await m.generate(msgs, self.llm_model, response_format=fmt, temperature=0,
+                                   max_tokens=16)
+            return out.strip()
+
+        return list(await asyncio.gather(*(one(t) for t in texts)))
+
+    def __call__(self, doc: Doc) -> Doc:
+        return next(self.pipe([doc]))
+
+    def pipe(self, stream: Iterable[Doc], batch_size: int | None = None) -> Iterator[Doc]:
+        for batch in _batches(stream, _batch_size(self, batch_size)):
+            nonempty = [d for d in batch if d.text.strip()]
+            for doc, cats in zip(nonempty, self.scores([d.text for d in nonempty]) if nonempty else [],
+                                 strict=True):
+                doc.cats.update(cats)
+            yield from batch
+
+
+def candidate_spans(doc: Doc, max_tokens: int) -> dict[str, tuple[int, int]]:
+    """Token n-grams (up to ``max_tokens``) of the doc that start and end on a word: {text: first (start,
+    end) token offsets}. The entity schema only admits these texts, so every span exists in the doc."""
+    out: dict[str, tuple[int, int]] = {}
+    for i, tok in enumerate(doc):
+        if tok.is_punct or tok.is_space:
+            continue
+        for j in range(i + 1, min(i + max_tokens, len(doc)) + 1):
+            last = doc[j - 1]
+            if last.is_punct or last.is_space:
+                continue
+            out.setdefault(doc[i:j].text, (i, j))
+    return out
+
+
+class EngineEntities:
+    """Entities chosen by the LLM under a JSON schema ``{"entities": [{"text", "label"}]}`` where ``text``
+    is one of the doc's token n-grams and ``label`` one of ``labels``."""
+
+    def __init__(self, nlp: Language, name: str, labels: Sequence[str], model: str, spans_key: str | None,
+                 batch_size: int, max_span_tokens: int, max_tokens: int, instruction: str, manager: Any = None):
+        if not labels:
+            raise TTAEngineError("tta_entities needs at least one label in its config")
+        self.name, self.labels, self.model, self.spans_key = name, list(labels), model, spans_key
+        self.batch_size, self.max_span_tokens, self.max_tokens = batch_size, max_span_tokens, max_tokens
+        self.instruction, self.manager = instruction, manager
+
+    def schema(self, candidates: Sequence[str]) -> dict[str, Any]:
+        return {"type": "object", "properties": {"entities": {"type": "array", "maxItems": 8, "items": {
+            "type": "object", "properties": {"text": {"enum": list(candidates)}, "label": {"enum": self.labels}},
+            "required": ["text", "label"], "additionalProperties": False}}},
+            "required": ["entities"], "additionalProperties": False}
+
+    async def _extract(self, docs: list[Doc]) -> list[list[dict[str, str]]]:
+        m = _manager(self)
+
+        async def one(doc: Doc) -> list[dict[str, str]]:
+            cands = candidate_spans(doc, self.max_span_tokens)
+            if not cands:
+                return []
+            fmt = {"type": "json_schema", "json_schema": {"name": "entities", "schema": self.schema(list(cands)),
+                                                          "strict": True}}
+            msgs = [{"role": "system", "content": self.instruction.format(labels=", ".join(self.labels))},
+                    {"role": "user", "content": doc.text}]
+            text = await m.generate(msgs, self.model, response_format=fmt, temperature=0,
+                                    max_tokens=self.max_tokens)
+            return json.loads(text)["entities"]
+
+        return list(await asyncio.gather(*(one(d) for d in docs)))
+
+    def spans(self, doc: Doc, found: list[dict[str, str]]) -> list[Span]:
+        """Align each found text with the doc (``doc.char_span`` on its first unused occurrence)."""
+        cands = candidate_spans(doc, self.max_span_tokens)
+        out = []
+        for ent in found:
+            if ent["text"] not in cands or ent["label"] not in self.labels:
+                continue
+            i, j = cands[ent["text"]]
+            span = doc.char_span(doc[i].idx, doc[j - 1].idx + len(doc[j - 1]), label=ent["label"])
+            if span is not None:
+                out.append(span)
+        return filter_spans(out)
+
+    def _write(self, doc: Doc, spans: list[Span]) -> None:
+        if self.spans_key:
+            doc.spans[self.spans_key] = spans
+            return
+        taken = [(e.start, e.end) for e in doc.ents]
+        new = [s for s in spans if all(s.end <= a or s.start >= b for a, b in taken)]
+        doc.ents = sorted([*doc.ents, *new], key=lambda s: s.start)
+
+    def __call__(self, doc: Doc) -> Doc:
+        return next(self.pipe([doc]))
+
+    def pipe(self, stream: Iterable[Doc], batch_size: int | None = None) -> Iterator[Doc]:
+        """The docs of a batch go to the engine as concurrent requests (decoded in shared steps)."""
+        for batch in _batches(stream, _batch_size(self, batch_size)):
+            for doc, found in zip(batch, run_sync(self._extract(batch)), strict=True):
+                self._write(doc, self.spans(doc, found))
+            yield from batch
+
+
+@Language.factory("tta_embeddings", default_config={"model": DEFAULT_EMBEDDING_MODEL, "batch_size": 256})
+def make_embeddings(nlp: Language, name: str, model: str, batch_size: int) -> EngineEmbeddings:
+    return EngineEmbeddings(nlp, name, model, batch_size)
+
+
+@Language.factory("tta_textcat", assigns=["doc.cats"], default_config={
+    "labels": [], "mode": "prototype", "model": DEFAULT_EMBEDDING_MODEL, "llm_model": DEFAULT_CHAT_MODEL,
+    "prototypes": None, "scale": 20.0, "batch_size": 256,
+    "instruction": "Classify the emotion of the user's message. Answer with one of: {labels}."})
+def make_textcat(nlp: Language, name: str, labels: list[str], mode: str, model: str, llm_model: str,
+                 prototypes: dict[str, list[str]] | None, scale: float, batch_size: int,
+                 instruction: str) -> EngineTextCategorizer:
+    return EngineTextCategorizer(nlp, name, labels, mode, model, llm_model, prototypes, scale, batch_size,
+                                 instruction)
+
+
+@Language.factory("tta_entities", assigns=["doc.ents"], default_config={
+    "labels": ["PERSON", "PLACE", "OBJECT", "EVENT", "EMOTION"], "model": DEFAULT_CHAT_MODEL,
+    "spans_key": None, "batch_size": 16, "max_span_tokens": 4, "max_tokens": 96,
+    "instruction": "List the named entities in the user's text as JSON, with labels from: {labels}."})
+def make_entities(nlp: Language, name: str, labels: list[str], model: str, spans_key: str | None,
+                  batch_size: int, max_span_tokens: int, max_tokens: int, instruction: str) -> EngineEntities:
+    return EngineEntities(nlp, name, labels, model, spans_key, batch_size, max_span_tokens, max_tokens,
+                          instruction)

@@ -1,0 +1,338 @@
+"""The FastAPI app: OpenAI-compatible routes over a ``TransformersModelManager``.
+
+Every generation goes through ``manager.astream``, so concurrent HTTP requests are batched by the model's
+scheduler exactly like in-process ones. A streaming response is produced by an async generator that pulls
+deltas from ``astream``: when the client disconnects, Starlette cancels it, ``astream`` closes and the
+scheduler drops the row at its next step. Errors map to OpenAI's ``{"error": {...}}`` shape (errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import TTAEngineError
+from ..generator import GenerationState
+from .errors import ShuttingDown, error_body, error_response
+from .metrics import ServerMetrics
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, InvalidRequest, ModelCard
+
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
+
+
+class Lifecycle:
+    """Drain on shutdown: new requests get 503, running ones may finish for ``grace_s`` seconds, then the
+    rest are stopped (streams end with an error event, non-streaming requests answer 503)."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.draining = False
+        self.handles: set[_Handle] = set()
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        asyncio.get_running_loop().call_later(self.grace_s, self.stop_all)
+
+    def stop_all(self) -> None:
+        for handle in list(self.handles):
+            handle.stop()
+
+
+class _Handle:
+    """Pulls deltas from one ``astream`` and lets the drain stop it while it waits for the next token."""
+
+    def __init__(self, lifecycle: Lifecycle, agen):
+        self.lifecycle, self.agen = lifecycle, agen
+        self.task: asyncio.Task | None = None
+        self.waiting = self.stopped = False
+        lifecycle.handles.add(self)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.waiting and self.task is not None:  # suspended inside astream: interrupt it there
+            self.task.cancel()
+
+    async def next(self) -> str:
+        if self.stopped:
+            raise ShuttingDown()
+        self.task, self.waiting = asyncio.current_task(), True
+        try:
+            return await self.agen.__anext__()
+        except asyncio.CancelledError:
+            if self.stopped and self.task.uncancel() == 0:  # our own cancel, not the client's
+                raise ShuttingDown() from None
+            raise
+        finally:
+            self.waiting = False
+
+    async def close(self) -> None:
+        self.lifecycle.handles.discard(self)
+        await self.agen.aclose()  # a request still decoding is cancelled: its row goes at the next step
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Guard:
+    """ASGI middleware: request metrics, API key, body size limit, 503 while draining."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, lifecycle: Lifecycle,
+                 metrics: ServerMetrics):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.lifecycle, self.metrics = lifecycle, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in _ROUTES else "other"
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            reject = self._reject(scope, path)
+            if reject is None:
+                receive, reject = await self._read_body(scope, receive)
+            if reject is not None:
+                return await reject(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request(route, status)
+
+    def _reject(self, scope, path: str):
+        if path == "/health":
+            return None
+        if self.lifecycle.draining:
+            return error_response(503, "the server is shutting down; retry on another instance",
+                                  "server_error", code="server_shutting_down", headers={"Connection": "close"})
+        if self.api_key is not None:
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                      "invalid_request_error", code="invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def _read_body(self, scope, receive):
+        """Read the whole body (at most max_body_bytes) before the app sees it; replay it, then pass
+        further receive() calls (the disconnect) through."""
+        too_large = error_response(413, f"request body larger than {self.max_body_bytes} bytes",
+                                   "invalid_request_error", code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return receive, too_large
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return receive, too_large
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return replay, None
+
+
+def create_app(manager, *, api_key: str | None = None, max_body_bytes: int = 4 << 20,
+               shutdown_grace_s: float = 30.0, preload: tuple[str, ...] = (), close_manager: bool = True) -> FastAPI:
+    """The ASGI app. ``api_key``: required as ``Authorization: Bearer`` on every route but /health.
+    ``preload``: models loaded at startup. ``close_manager``: ``manager.close()`` at shutdown."""
+    lifecycle = Lifecycle(shutdown_grace_s)
+    metrics = ServerMetrics(manager)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for name in preload:
+            await asyncio.to_thread(manager.load_model, name)
+        yield
+        lifecycle.begin_drain()
+        lifecycle.stop_all()
+        if close_manager:
+            await asyncio.to_thread(manager.close)
+
+    app = FastAPI(title="tta-engine", lifespan=lifespan)
+    app.state.manager, app.state.lifecycle, app.state.metrics = manager, lifecycle, metrics
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, lifecycle=lifecycle, metrics=metrics)
+
+    @app.exception_handler(TTAEngineError)
+    async def _engine_error(request: Request, exc: TTAEngineError):
+        return error_body(exc)
+
+    @app.exception_handler(Exception)
+    async def _any_error(request: Request, exc: Exception):  # a bug: 500 in OpenAI's shape (and logged)
+        return error_body(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_body(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_body(exc)
+
+    async def generate(kind: str, body, prompt, request: Request) -> Response:
+        kwargs = body.sampling_kwargs()
+        name = manager.resolve_name(body.model)
+        created, state = int(time.time()), GenerationState(0)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+
+        def choice(delta: str | None, finish: str | None, first: bool = False) -> dict:
+            if kind == "chat":
+                d = {} if delta is None else {"content": delta}
+                if first:
+                    d["role"] = "assistant"
+                return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+
+        def usage() -> dict:
+            c = state.completion()
+            metrics.completion(name, c)
+            return dict(c["usage"])
+
+        handle = _Handle(lifecycle, manager.astream(prompt, name, state=state, **kwargs))
+        if not body.stream:
+            parts = []
+            try:
+                while True:
+                    parts.append(await handle.next())
+            except StopAsyncIteration:
+                pass
+            finally:
+                await handle.close()
+            text, u = "".join(parts), usage()
+            ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": state.finish_reason} if kind == "chat" else
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": state.finish_reason})
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": body.model,
+                                 "choices": [ch], "usage": u})
+
+        # streaming: wait for the first delta before the headers, so that errors before it (unknown model,
+        # context length, full queue, ...) still get their HTTP status
+        try:
+            first = await handle.next()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await handle.close()
+            raise
+        chunk_obj = obj + ".chunk" if kind == "chat" else obj
+
+        def chunk(choices: list, **extra) -> bytes:
+            return _sse({"id": rid, "object": chunk_obj, "created": created, "model": body.model,
+                         "choices": choices, **extra})
+
+        async def events():
+            try:
+                if kind == "chat":
+                    yield chunk([choice("", None, first=True)])
+                if first is not None:
+                    yield chunk([choice(first, None)])
+                    while True:
+                        try:
+                            delta = await handle.next()
+                        except StopAsyncIteration:
+                            break
+                        yield chunk([choice(delta, None)])
+                u = usage()
+                yield chunk([choice(None, state.finish_reason)])
+                if body.include_usage:
+                    yield chunk([], usage=u)
+            except ShuttingDown as exc:
+                yield _sse(json.loads(error_body(exc).body))
+            except Exception as exc:  # noqa: BLE001 - a failure mid-stream becomes the last event
+                yield _sse(json.loads(error_body(exc).body))
+            finally:
+                await handle.close()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await generate("chat", body, body.chat_messages(), request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await generate("completion", body, body.prompt_text(), request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        texts = body.texts()
+        name = manager.resolve_name(body.model)
+        cfg = manager.model_configs[name]
+        if not cfg.is_embedding:
+            raise InvalidRequest(f"model {name!r} is a {cfg.model_type} model, not an embedding model", "model")
+        if body.dimensions is not None and body.dimensions != cfg.embedding_dimension:
+            raise InvalidRequest(f"dimensions={body.dimensions}: model {name!r} only produces "
+                                 f"{cfg.embedding_dimension}-dimensional embeddings", "dimensions")
+
+        def run():
+            vecs = manager.embed(texts, name)
+            _, tokenizer = manager.load_model(name)
+            n_tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"]) if tokenizer is not None else 0
+            return vecs, n_tokens
+
+        vecs, n_tokens = await asyncio.to_thread(run)
+        vecs = np.asarray(vecs, dtype=np.float32)
+        if body.encoding_format == "base64":
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vecs]
+        else:
+            data = vecs.tolist()
+        return {"object": "list", "model": body.model,
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    def card(name: str, loaded: set[str]) -> dict:
+        cfg = manager.model_configs[name]
+        return ModelCard(id=name, type=cfg.model_type, loaded=name in loaded).model_dump()
+
+    @app.get("/v1/models")
+    async def models():
+        loaded = set(manager.loaded_models)
+        return {"object": "list", "data": [card(n, loaded) for n in manager.model_configs]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        return card(manager.resolve_name(model), set(manager.loaded_models))
+
+    @app.get("/health")
+    async def health():
+        if lifecycle.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return {"status": "ok", "loaded_models": manager.loaded_models}
+
+    @app.get("/metrics")
+    async def prometheus():
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    return app

@@ -1,0 +1,217 @@
+"""ChatTTAEngine and TTAEngineEmbeddings on tiny artifacts: langchain-tests' standard suites, streaming
+callbacks, batching through the scheduler, stop sequences, usage metadata."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("langchain_core")
+pytest.importorskip("langchain_tests")
+
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler  # noqa: E402
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage  # noqa: E402
+from langchain_tests.integration_tests import ChatModelIntegrationTests, EmbeddingsIntegrationTests  # noqa: E402
+from langchain_tests.unit_tests import ChatModelUnitTests, EmbeddingsUnitTests  # noqa: E402
+from tta_engine.integrations.langchain import ChatTTAEngine, TTAEngineEmbeddings, to_engine_messages  # noqa: E402
+from tta_engine.manager import TransformersModelManager  # noqa: E402
+
+LM, EMB = "tiny-llama", "tiny-bert"
+# langchain-tests' async tests are plain ``async def``: run them with pytest-asyncio
+ASYNC = [pytest.mark.asyncio, pytest.mark.filterwarnings("ignore:The test <Function")]
+_MANAGER: dict[str, TransformersModelManager] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def manager(artifacts, tiny_configs, tmp_path_factory):
+    artifacts.get(LM, "fp32")
+    artifacts.get(EMB, "fp32")
+    m = TransformersModelManager(tiny_configs, cache_dir=str(tmp_path_factory.mktemp("lc-cache")),
+                                 artifacts_root=artifacts.root / "auto")
+    _MANAGER["m"] = m
+    yield m
+    _MANAGER.clear()
+    m.close()
+
+
+class TestChatUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self):
+        return ChatTTAEngine
+
+    @property
+    def chat_model_params(self):
+        return {"model": LM}
+
+
+class TestEmbeddingsUnit(EmbeddingsUnitTests):
+    @property
+    def embeddings_class(self):
+        return TTAEngineEmbeddings
+
+    @property
+    def embedding_model_params(self):
+        return {"model": EMB}
+
+
+class TestChatIntegrationTiny(ChatModelIntegrationTests):
+    """The standard integration suite's plain paths on a tiny random model (tool-calling and structured
+    tests need a model that understands the question; they run on the default model in the e2e file)."""
+
+    pytestmark = ASYNC
+
+    @property
+    def chat_model_class(self):
+        return ChatTTAEngine
+
+    @property
+    def chat_model_params(self):
+        return {"model": LM, "manager": _MANAGER["m"], "max_tokens": 12, "min_new_tokens": 1}
+
+    @property
+    def has_tool_calling(self):
+        return False
+
+    @property
+    def has_structured_output(self):
+        return False
+
+    @property
+    def supports_json_mode(self):
+        return False
+
+    @property
+    def supports_model_override(self):
+        return True
+
+    @property
+    def model_override_value(self):
+        return "tiny-qwen2"
+
+
+class TestEmbeddingsIntegration(EmbeddingsIntegrationTests):
+    pytestmark = ASYNC
+    @property
+    def embeddings_class(self):
+        return TTAEngineEmbeddings
+
+    @property
+    def embedding_model_params(self):
+        return {"model": EMB, "manager": _MANAGER["m"]}
+
+
+def chat(**kw):
+    return ChatTTAEngine(**{"model": LM, "manager": _MANAGER["m"], "temperature": 0, "max_tokens": 10, **kw})
+
+
+MSGS = [SystemMessage("You are a narrator."), HumanMessage("The lantern flickers in the forest.")]
+
+
+def test_invoke_matches_the_manager_and_reports_usage(manager):
+    msg = chat().invoke(MSGS)
+    ref = asyncio.run(manager.complete(to_engine_messages(MSGS), LM, max_tokens=10, temperature=0))
+    assert isinstance(msg, AIMessage) and msg.content == ref["text"]
+    assert msg.usage_metadata["input_tokens"] == ref["usage"]["prompt_tokens"]
+    assert msg.usage_metadata["output_tokens"] == ref["usage"]["completion_tokens"] > 0
+    assert msg.response_metadata["finish_reason"] == ref["finish_reason"]
+    assert msg.response_metadata["model_name"] == LM
+
+
+class Tokens(BaseCallbackHandler):
+    def __init__(self):
+        self.tokens = []
+
+    def on_llm_new_token(self, token, **kwargs):
+        self.tokens.append(token)
+
+
+class AsyncTokens(AsyncCallbackHandler):
+    def __init__(self):
+        self.tokens = []
+
+    async def on_llm_new_token(self, token, **kwargs):
+        self.tokens.append(token)
+
+
+def test_stream_calls_on_llm_new_token_per_delta_and_ends_with_usage():
+    model = chat()
+    full = model.invoke(MSGS).content
+    cb = Tokens()
+    chunks = list(model.stream(MSGS, config={"callbacks": [cb]}))
+    assert all(isinstance(c, AIMessageChunk) for c in chunks)
+    deltas = [c.content for c in chunks if c.content]
+    assert len(deltas) > 1 and "".join(deltas) == full
+    assert [t for t in cb.tokens if t] == deltas  # one callback per streamed delta (+ the empty last chunk)
+    total = sum(chunks[1:], chunks[0])
+    assert total.usage_metadata["output_tokens"] > 0 and total.response_metadata["finish_reason"]
+
+    acb = AsyncTokens()
+
+    async def main():
+        return [c async for c in model.astream(MSGS, config={"callbacks": [acb]})]
+
+    achunks = asyncio.run(main())
+    assert "".join(c.content for c in achunks) == full and [t for t in acb.tokens if t] == deltas
+
+
+def test_streaming_flag_makes_invoke_stream_through_callbacks():
+    cb = Tokens()
+    msg = chat(streaming=True).invoke(MSGS, config={"callbacks": [cb]})
+    assert len(cb.tokens) > 1 and "".join(cb.tokens) == msg.content == chat().invoke(MSGS).content
+
+
+def test_stop_sequences_cut_the_reply():
+    full = chat(max_tokens=16).invoke(MSGS).content
+    cut = full[3:6]
+    assert cut and cut in full
+    short = chat(max_tokens=16).invoke(MSGS, stop=[cut]).content
+    assert short == full[: full.index(cut)]
+    assert chat(max_tokens=16, stop=[cut]).invoke(MSGS).content == short
+
+
+def test_batch_of_8_is_decoded_in_shared_scheduler_steps(manager):
+    prompts = [f"Tell me about lantern number {i}." for i in range(8)]
+    model = ChatTTAEngine(model=LM, manager=manager, temperature=0, max_tokens=16, min_new_tokens=16)
+    sequential = [model.invoke(p).content for p in prompts]
+    before = manager.stats()[LM]["scheduler_steps"]
+    out = model.batch(prompts)
+    steps = manager.stats()[LM]["scheduler_steps"] - before
+    assert [m.content for m in out] == sequential  # same request, same answer, batched or not
+    # 8 requests x 16 tokens: one at a time takes 8 x 15 decode steps; batched, the rows share steps
+    assert steps < 8 * 15 / 2, steps
+
+    async def main():
+        b = manager.stats()[LM]["scheduler_steps"]
+        res = await model.abatch(prompts)
+        return res, manager.stats()[LM]["scheduler_steps"] - b
+
+    res, asteps = asyncio.run(main())
+    assert [m.content for m in res] == sequential and asteps < 8 * 15 / 2
+
+
+def test_per_call_sampling_overrides_and_unknown_kwargs(manager):
+    a = chat().invoke(MSGS, max_tokens=3)
+    assert a.usage_metadata["output_tokens"] <= 3
+    with pytest.raises(Exception, match="unsupported argument"):
+        chat().invoke(MSGS, frobnicate=1)
+
+
+def test_images_are_refused_with_a_typed_error():
+    from tta_engine.errors import TTAEngineError
+
+    msg = HumanMessage(content=[{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
+    with pytest.raises(TTAEngineError, match="read text only"):
+        chat().invoke([msg])
+
+
+def test_embeddings_equal_the_engine_encoder(manager):
+    emb = TTAEngineEmbeddings(model=EMB, manager=manager)
+    texts = ["calm lake", "a storm at sea", "calm lake"]
+    docs = emb.embed_documents(texts)
+    ref = manager.embed(texts, EMB)
+    np.testing.assert_allclose(np.asarray(docs), ref, rtol=1e-6)
+    np.testing.assert_allclose(emb.embed_query("a storm at sea"), ref[1], rtol=1e-6)
+    assert asyncio.run(emb.aembed_documents(texts)) == docs
+    assert emb.embed_documents([]) == []

@@ -1,0 +1,112 @@
+"""spaCy components on tiny artifacts: factories found through entry points, vectors and similarity
+from the engine encoder, prototype textcat, batching of nlp.pipe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+spacy = pytest.importorskip("spacy")
+
+from tta_engine.errors import TTAEngineError  # noqa: E402
+from tta_engine.integrations.common import default_manager, set_default_manager  # noqa: E402
+from tta_engine.manager import TransformersModelManager  # noqa: E402
+
+EMB = "tiny-bert"
+
+
+class CountingManager(TransformersModelManager):
+    """Counts embed calls (one per nlp.pipe batch is the contract)."""
+
+    embed_calls = 0
+
+    def embed(self, texts, model_name=EMB):
+        self.embed_calls += 1
+        return super().embed(texts, model_name)
+
+
+@pytest.fixture(scope="module")
+def manager(artifacts, tiny_configs, tmp_path_factory):
+    artifacts.get(EMB, "fp32")
+    m = CountingManager(tiny_configs, cache_dir=str(tmp_path_factory.mktemp("sp-cache")),
+                        artifacts_root=artifacts.root / "auto")
+    previous = default_manager.__globals__["_manager"]
+    set_default_manager(m)
+    yield m
+    set_default_manager(previous)
+    m.close()
+
+
+def test_factories_are_registered_through_entry_points():
+    import subprocess
+    import sys
+
+    # a fresh interpreter that never imports tta_engine itself: spaCy must find the factories
+    code = ("import sys, spacy; nlp = spacy.blank('en'); assert 'tta_engine.integrations.spacy' in sys.modules; "
+            "[nlp.add_pipe(n) for n in ('tta_embeddings', 'tta_textcat', 'tta_entities')]; print(nlp.pipe_names)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "['tta_embeddings', 'tta_textcat', 'tta_entities']" in out.stdout
+
+
+def test_vectors_and_similarity_come_from_the_engine(manager):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tta_embeddings", config={"model": EMB})
+    doc = nlp("The calm lake at night.")
+    other = nlp("A storm over the sea.")
+    np.testing.assert_allclose(doc.vector, manager.embed([doc.text], EMB)[0], rtol=1e-6)
+    assert doc.has_vector and doc.vector.shape == (64,)
+    span = doc[1:3]
+    np.testing.assert_allclose(span.vector, manager.embed(["calm lake"], EMB)[0], rtol=1e-6)
+    np.testing.assert_allclose(doc[2].vector, manager.embed(["lake"], EMB)[0], rtol=1e-6)
+    a, b = manager.embed([doc.text, other.text], EMB)
+    assert doc.similarity(other) == pytest.approx(float(a @ b) / float(np.linalg.norm(a) * np.linalg.norm(b)),
+                                                  abs=1e-5)
+    assert doc.similarity(doc) == pytest.approx(1.0, abs=1e-5)
+    assert span.similarity(doc[2]) == pytest.approx(
+        float(np.dot(span.vector, doc[2].vector) / (np.linalg.norm(span.vector) * np.linalg.norm(doc[2].vector))),
+        abs=1e-5)
+
+
+def test_pipe_embeds_each_batch_in_one_call(manager):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tta_embeddings", config={"model": EMB, "batch_size": 32})
+    texts = [f"Sentence number {i} about the forest." for i in range(64)]
+    before = manager.embed_calls
+    docs = list(nlp.pipe(texts))
+    assert manager.embed_calls - before == 2  # 64 docs, batch size 32
+    ref = manager.embed(texts, EMB)
+    np.testing.assert_allclose(np.stack([d.vector for d in docs]), ref, rtol=1e-6)
+
+
+def test_prototype_textcat_scores_follow_the_nearest_prototype(manager):
+    nlp = spacy.blank("en")
+    protos = {"forest": ["The lantern flickers in the quiet forest."],
+              "river": ["The river sings over smooth stones under the moon."]}
+    nlp.add_pipe("tta_textcat", config={"model": EMB, "labels": ["forest", "river"], "prototypes": protos})
+    docs = list(nlp.pipe(["The lantern flickers in the quiet forest.",
+                          "The river sings over smooth stones under the moon."]))
+    assert docs[0].cats["forest"] > docs[0].cats["river"] and docs[1].cats["river"] > docs[1].cats["forest"]
+    assert sum(docs[0].cats.values()) == pytest.approx(1.0)
+    # the scores are a softmax of cosine to the prototype centroids
+    v = manager.embed([docs[0].text], EMB)[0]
+    c = manager.embed(protos["forest"] + protos["river"], EMB)
+    sims = c @ v
+    p = np.exp(20 * (sims - sims.max()))
+    assert docs[0].cats["forest"] == pytest.approx(p[0] / p.sum(), rel=1e-4)
+
+
+def test_bad_config_raises_typed_errors(manager):
+    nlp = spacy.blank("en")
+    with pytest.raises(TTAEngineError, match="mode"):
+        nlp.add_pipe("tta_textcat", config={"mode": "guess"})
+    with pytest.raises(TTAEngineError, match="at least one label"):
+        nlp.add_pipe("tta_entities", config={"labels": []})
+
+
+def test_empty_docs_pass_through(manager):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tta_embeddings", config={"model": EMB})
+    nlp.add_pipe("tta_textcat", config={"model": EMB, "labels": ["a", "b"]})
+    doc = nlp("")
+    assert doc.cats == {} and len(doc) == 0
