@@ -231,6 +231,7 @@ def test_prefix_reuse_gives_identical_tokens(manager, tiny_configs):
     """The second turn reuses the first turn's prompt *and* reply KV (resident row), output unchanged."""
     async def main():
         first = await manager.complete(_turns(WORLD_MSG), "tiny-llama", max_tokens=16, temperature=0)
+        assert wait_until(manager._loaded["tiny-llama"].scheduler.settled)  # the player's think-time
         second = await manager.complete(_turns(WORLD_MSG, first["text"]), "tiny-llama", max_tokens=16,
                                         temperature=0)
         return first, second
