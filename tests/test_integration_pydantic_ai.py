@@ -22,6 +22,10 @@ from tta_engine.integrations.pydantic_ai import TTAEngineModel, TTAEngineModels 
 from tta_engine.manager import TransformersModelManager  # noqa: E402
 
 MODEL = "tiny-llama"
+# the tiny model has 256 positions: no schema or tool descriptions in its prompts (the grammar holds anyway)
+SMALL = {"profile": {"supports_tools": True, "supports_json_schema_output": True,
+                     "supports_json_object_output": True, "default_structured_output_mode": "native"},
+         "describe_tools": False}
 
 
 class Mood(BaseModel):
@@ -44,7 +48,7 @@ def manager(tiny_configs, artifacts):
 
 
 def test_request_returns_text_with_the_engines_usage(manager):
-    model = TTAEngineModel(MODEL, manager)
+    model = TTAEngineModel(MODEL, manager, **SMALL)
     msgs = [ModelRequest(parts=[UserPromptPart("You feel calm.")])]
     resp = asyncio.run(model.request(msgs, {"max_tokens": 5, "temperature": 0}, ModelRequestParameters()))
     assert isinstance(resp.parts[0], TextPart) and resp.model_name == MODEL and resp.provider_name == "tta-engine"
@@ -56,15 +60,35 @@ def test_request_returns_text_with_the_engines_usage(manager):
     assert resp.finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("wrap", [lambda t: t, NativeOutput, PromptedOutput, ToolOutput])
+class Level(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(ge=0, le=9)
+
+
+@pytest.mark.parametrize("wrap", [lambda t: t, NativeOutput, lambda t: PromptedOutput(t, template="{schema}"),
+                                  ToolOutput])
 def test_structured_output_validates_in_every_output_mode(manager, wrap):
-    agent = Agent(TTAEngineModel(MODEL, manager), output_type=wrap(Mood))
-    result = agent.run_sync("How do you feel?", model_settings={"max_tokens": 60})
-    assert isinstance(result.output, Mood)
+    agent = Agent(TTAEngineModel(MODEL, manager, **SMALL), output_type=wrap(Level))
+    result = agent.run_sync("Level?", model_settings={"max_tokens": 80})
+    assert isinstance(result.output, Level)
+    agent = Agent(TTAEngineModel(MODEL, manager, **SMALL), output_type=Mood)
+    assert isinstance(agent.run_sync("How do you feel?", model_settings={"max_tokens": 60}).output, Mood)
+
+
+def test_the_default_profile_puts_the_schema_in_the_instructions(manager):
+    from pydantic_ai.models import ModelRequestParameters as P
+    from pydantic_ai.output import OutputObjectDefinition
+
+    model = TTAEngineModel(MODEL, manager)
+    params = P(output_mode="auto", output_object=OutputObjectDefinition(json_schema=Mood.model_json_schema()))
+    _, prepared = model.prepare_request({}, params)
+    plan = model._plan([ModelRequest(parts=[UserPromptPart("Mood?")])], {}, prepared)
+    assert prepared.output_mode == "native" and '"level"' in plan.chat[0]["content"]
+    assert plan.response_format["type"] == "json_schema"
 
 
 def test_usage_of_a_run_equals_the_engines_counts(manager):
-    agent = Agent(TTAEngineModel(MODEL, manager), output_type=Mood)
+    agent = Agent(TTAEngineModel(MODEL, manager, **SMALL), output_type=Mood)
     before = manager.stats()[MODEL]
     result = agent.run_sync("How do you feel?", model_settings={"max_tokens": 60})
     after = manager.stats()[MODEL]
@@ -76,7 +100,7 @@ def test_usage_of_a_run_equals_the_engines_counts(manager):
 
 def test_function_tools_are_called_with_valid_arguments_and_results_go_back(manager):
     calls = []
-    agent = Agent(TTAEngineModel(MODEL, manager), output_type=Mood)
+    agent = Agent(TTAEngineModel(MODEL, manager, **SMALL), output_type=Mood)
 
     @agent.tool_plain
     def roll(dice: Dice) -> str:
@@ -84,8 +108,11 @@ def test_function_tools_are_called_with_valid_arguments_and_results_go_back(mana
         calls.append(dice)
         return f"rolled {dice.sides}"
 
-    result = agent.run_sync("Roll then answer.", model_settings={"max_tokens": 60, "tool_choice": "required"})
-    assert calls and all(isinstance(d, Dice) for d in calls)  # required: the first reply is a call
+    def settings(ctx):  # the first step must call a function tool, the next one answers
+        return {"max_tokens": 60, "tool_choice": "required" if ctx.run_step <= 1 else "none"}
+
+    result = agent.run_sync("Roll then answer.", model_settings=settings)
+    assert calls and all(isinstance(d, Dice) for d in calls)
     msgs = result.all_messages()
     call = next(p for m in msgs for p in m.parts if isinstance(p, ToolCallPart) and p.tool_name == "roll")
     ret = next(p for m in msgs for p in m.parts if isinstance(p, ToolReturnPart) and p.tool_name == "roll")
@@ -94,7 +121,7 @@ def test_function_tools_are_called_with_valid_arguments_and_results_go_back(mana
 
 
 def test_tool_results_are_rendered_into_the_next_prompt(manager):
-    model = TTAEngineModel(MODEL, manager)
+    model = TTAEngineModel(MODEL, manager, **SMALL)
     params = ModelRequestParameters()
     msgs = [ModelRequest(parts=[UserPromptPart("Roll.")]),
             __import__("pydantic_ai.messages", fromlist=["ModelResponse"]).ModelResponse(
@@ -106,19 +133,23 @@ def test_tool_results_are_rendered_into_the_next_prompt(manager):
 
 
 def test_streaming_text_and_structured_output(manager):
-    agent = Agent(TTAEngineModel(MODEL, manager))
+    agent = Agent(TTAEngineModel(MODEL, manager, **SMALL))
+
+    async def engine_deltas(prompt):
+        return [d async for d in manager.astream([{"role": "user", "content": prompt}], MODEL, max_tokens=8,
+                                                 temperature=0)]
+
+    prompt, ref = next((p, r) for p in ["The river", "Hello! ", "You feel calm.", "A wise mentor", "The lantern"]
+                       if len(r := asyncio.run(engine_deltas(p))) >= 3)
 
     async def text():
-        async with agent.run_stream("The river", model_settings={"max_tokens": 8, "temperature": 0}) as run:
-            return [t async for t in run.stream_text(delta=True)], await run.get_output()
+        async with agent.run_stream(prompt, model_settings={"max_tokens": 8, "temperature": 0}) as run:
+            return [t async for t in run.stream_text(delta=True, debounce_by=None)], await run.get_output()
 
     chunks, output = asyncio.run(text())
-    assert "".join(chunks) == output and len(chunks) >= 2
-    ref = asyncio.run(manager.generate([{"role": "user", "content": "The river"}], MODEL, max_tokens=8,
-                                       temperature=0))
-    assert output == ref
+    assert output == "".join(ref) and "".join(chunks) == output and len(chunks) >= 2  # streamed, not at once
 
-    sagent = Agent(TTAEngineModel(MODEL, manager), output_type=Mood)
+    sagent = Agent(TTAEngineModel(MODEL, manager, **SMALL), output_type=Mood)
 
     async def structured():
         async with sagent.run_stream("Mood?", model_settings={"max_tokens": 60}) as run:
@@ -129,22 +160,31 @@ def test_streaming_text_and_structured_output(manager):
 
 
 def test_settings_are_honoured(manager):
-    agent = Agent(TTAEngineModel(MODEL, manager))
+    agent = Agent(TTAEngineModel(MODEL, manager, **SMALL))
     a = agent.run_sync("The lantern", model_settings={"max_tokens": 12, "temperature": 1.0, "seed": 7}).output
     b = agent.run_sync("The lantern", model_settings={"max_tokens": 12, "temperature": 1.0, "seed": 7}).output
     assert a == b  # seeded
     r = agent.run_sync("The lantern", model_settings={"max_tokens": 3, "temperature": 0})
     assert r.usage().output_tokens <= 3
-    free = agent.run_sync("The lantern", model_settings={"max_tokens": 12, "temperature": 0}).output
-    assert len(free) >= 4
+    # stop strings, on Model.request (an agent would retry an empty reply): same text as the engine's
+    model = TTAEngineModel(MODEL, manager, **SMALL)
+    msgs = [ModelRequest(parts=[UserPromptPart("The lantern")])]
+    chat = [{"role": "user", "content": "The lantern"}]
+
+    def request(**extra):
+        settings = {"max_tokens": 12, "temperature": 0, **extra}
+        parts = asyncio.run(model.request(msgs, settings, ModelRequestParameters())).parts
+        return "".join(p.content for p in parts)
+
+    free = request()
     stop = free[2:4]
-    stopped = agent.run_sync("The lantern", model_settings={"max_tokens": 12, "temperature": 0,
-                                                            "stop_sequences": [stop]}).output
-    assert stopped == free[: free.index(stop)]
+    stopped = request(stop_sequences=[stop])
+    assert stopped == free[: free.index(stop)] and len(stopped) < len(free)
+    assert stopped == asyncio.run(manager.generate(chat, MODEL, max_tokens=12, temperature=0, stop=[stop]))
 
 
 def test_output_validator_retries_then_unexpected_model_behavior(manager):
-    agent = Agent(TTAEngineModel(MODEL, manager), output_type=Mood, output_retries=1)
+    agent = Agent(TTAEngineModel(MODEL, manager, **SMALL), output_type=Mood, retries=1)
     seen = []
 
     @agent.output_validator
@@ -158,14 +198,14 @@ def test_output_validator_retries_then_unexpected_model_behavior(manager):
 
 
 def test_engine_errors_surface_as_pydantic_ai_errors(manager):
-    agent = Agent(TTAEngineModel(MODEL, manager), output_type=Mood)
+    agent = Agent(TTAEngineModel(MODEL, manager, **SMALL), output_type=Mood)
     with pytest.raises(UnexpectedModelBehavior, match="max_tokens|grammar|accept") as exc:
         agent.run_sync("Mood?", model_settings={"max_tokens": 2})  # the JSON cannot finish in 2 tokens
     assert exc.value.__cause__ is not None and type(exc.value.__cause__).__name__ == "StructuredOutputError"
     with pytest.raises(ModelNotFoundError, match="no-such-model"):
         Agent(TTAEngineModel("no-such-model", manager)).run_sync("hi")
     with pytest.raises(ModelContextWindowExceededError, match="context"):
-        Agent(TTAEngineModel(MODEL, manager)).run_sync("calm " * 400)
+        Agent(TTAEngineModel(MODEL, manager, **SMALL)).run_sync("calm " * 400)
 
 
 def test_tta_engine_model_ids_resolve_through_the_capability(manager):

@@ -163,7 +163,8 @@ class TTAEngineModel(Model):
     """A pydantic-ai model served by tta-engine's manager: ``TTAEngineModel("smollm2-135m-instruct")``.
 
     ``manager``: the TransformersModelManager to use (default: the process-wide one shared by every
-    integration).
+    integration). ``describe_tools``: put the tools' names, descriptions and parameter schemas in a system
+    message (the grammar enforces the call format either way; small contexts may want it off).
     """
 
     # generic settings the engine does not implement (it does: max_tokens, temperature, top_p, top_k, seed,
@@ -174,11 +175,13 @@ class TTAEngineModel(Model):
 
     _model_name: str = field(repr=False)
     _manager: Any = field(repr=False)
+    describe_tools: bool = True
 
     def __init__(self, model_name: str, manager=None, *, settings: ModelSettings | None = None,
-                 profile: ModelProfile | None = None):
+                 profile: ModelProfile | None = None, describe_tools: bool = True):
         self._model_name = model_name
         self._manager = manager
+        self.describe_tools = describe_tools
         super().__init__(settings=settings, profile=TTA_ENGINE_PROFILE if profile is None else profile)
 
     @property
@@ -249,10 +252,11 @@ class TTAEngineModel(Model):
             schema = params.output_object.json_schema
         final = None if required else ("json" if schema is not None else ("text" if params.allow_text_output
                                                                           else None))
-        if tools:
+        if tools and self.describe_tools:
             descriptions = {n: defs[n].description or "" for n in tools}
             chat.insert(next((i for i, m in enumerate(chat) if m["role"] != "system"), len(chat)),
                         {"role": "system", "content": _tools_prompt(tools, descriptions, final is not None)})
+        if tools:
             response_format = _tool_grammar(tools, final, schema)
         elif schema is not None:
             name = params.output_object.name or "output"
