@@ -10,15 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactCorruptedError, ArtifactError
+from .errors import ArtifactCorruptedError, ArtifactError, ArtifactMissingError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -74,17 +76,29 @@ class Artifact:
         return self.path / rel
 
 
+def export_command(path: Path) -> str:
+    return f"tta-engine export {path.parent.name} --precision {path.name}"
+
+
+def artifact_present(path: Path) -> bool:
+    """Whether anything (a directory, a link, even a dangling one) is published at ``path``."""
+    return path.is_symlink() or path.exists()
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     mpath = path / MANIFEST
     if not mpath.is_file():
-        raise ArtifactError(
-            f"no artifact at {path} (missing {MANIFEST}). Create it with "
-            f"`tta-engine export {path.parent.name} --precision {path.name}`."
+        if not artifact_present(path):
+            raise ArtifactMissingError(f"no artifact at {path}. Create it with `{export_command(path)}`.")
+        raise ArtifactCorruptedError(
+            f"the artifact at {path} is incomplete: {MANIFEST} is missing. Re-create it with `{export_command(path)}`."
         )
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ArtifactCorruptedError(f"{mpath} is not valid JSON ({exc}); re-export the model.") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactCorruptedError(f"{mpath} is not valid JSON ({exc}); re-export: `{export_command(path)}`.") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ArtifactCorruptedError(f"{mpath} has no file list; re-export: `{export_command(path)}`.")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{mpath} has format_version {manifest.get('format_version')!r}, this engine reads "
@@ -98,22 +112,49 @@ def verify_files(path: Path, manifest: dict[str, Any], *, hashes: bool = True) -
     for rel, meta in manifest["files"].items():
         p = path / rel
         if not p.is_file():
-            raise ArtifactCorruptedError(f"{p} is listed in the manifest but missing; re-export the model.")
+            raise ArtifactCorruptedError(f"{p} is listed in the manifest but missing; re-export: `{export_command(path)}`.")
         if p.stat().st_size != meta["size"]:
             raise ArtifactCorruptedError(
                 f"{p} has {p.stat().st_size} bytes, the manifest records {meta['size']}; "
-                "the file was changed or truncated. Re-export the model."
+                f"the file was changed or truncated. Re-export: `{export_command(path)}`."
             )
         if hashes and sha256_file(p) != meta["sha256"]:
             raise ArtifactCorruptedError(
-                f"{p} does not match the sha256 in its manifest (tampered or corrupted); re-export the model."
+                f"{p} does not match the sha256 in its manifest (tampered or corrupted); re-export: "
+                f"`{export_command(path)}`."
             )
 
 
-def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
+# Artifacts whose files were hashed in this process, with the (size, mtime, inode) of each file then:
+# a reload (after an LRU eviction, say) re-hashes only when a file changed on disk.
+_verified: dict[str, tuple] = {}
+_verified_lock = threading.Lock()
+
+
+def _file_signature(path: Path, manifest: dict[str, Any]) -> tuple:
+    sig = []
+    for rel in sorted(manifest["files"]):
+        st = (path / rel).stat()
+        sig.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    st = (path / MANIFEST).stat()
+    return (str(path.resolve()), st.st_mtime_ns, st.st_ino, tuple(sig))
+
+
+def load_artifact(path: str | Path, *, verify: bool = True, rehash: bool = False) -> Artifact:
+    """Read and check an artifact. ``verify`` hashes its files against the manifest once per process and
+    file state (size, mtime, inode); ``rehash`` hashes them again regardless (``tta-engine verify``)."""
     path = Path(path)
     manifest = read_manifest(path)
-    verify_files(path, manifest, hashes=verify)
+    verify_files(path, manifest, hashes=False)
+    if verify or rehash:
+        key = str(path.resolve())
+        sig = _file_signature(path, manifest)
+        with _verified_lock:
+            known = _verified.get(key) == sig
+        if rehash or not known:
+            verify_files(path, manifest, hashes=True)
+            with _verified_lock:
+                _verified[key] = sig
     return Artifact(path, manifest)
 
 
@@ -160,3 +201,45 @@ def _publish(staged: Path, final: Path) -> None:
     os.replace(link_tmp, final)
     if previous is not None and previous != staged.resolve():
         shutil.rmtree(previous, ignore_errors=True)
+
+
+# --- staging left behind by dead exports ---------------------------------------------------------------
+
+_STAGING = re.compile(r"^\.(work-.+|(fp32|int8|int4)-.+|(fp32|int8|int4)\.link-\d+)$")
+
+
+@contextmanager
+def export_lock(model_root: Path) -> Iterator[None]:
+    """Hold the export lock of one model's artifacts directory (``<root>/<name>``): one export at a time
+    per model, and a lock the kernel releases when its process dies (SIGKILL included)."""
+    model_root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, and no cleanup of other exports' staging either
+        yield
+        return
+    with open(model_root / ".export.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_staging(model_root: Path) -> list[str]:
+    """Remove the work and staged directories (and temporary links) of exports that died before
+    publishing. Call it holding ``export_lock(model_root)``: then no live export owns any of them.
+    Directories that a published link points at are kept. Returns the names removed."""
+    if not model_root.is_dir():
+        return []
+    published = {os.readlink(p) for p in model_root.iterdir() if p.is_symlink() and not _STAGING.match(p.name)}
+    removed = []
+    for p in model_root.iterdir():
+        if not _STAGING.match(p.name) or p.name in published:
+            continue
+        if p.is_symlink() or p.is_file():
+            p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return sorted(removed)

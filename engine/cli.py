@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,11 +52,28 @@ def _sampling_kwargs(args) -> dict:
     return kw
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _cfg_of_kind(args, name: str, kind: str):
+    from .errors import ModelTypeError
+
+    cfg = _cfg(args, name)
+    if cfg.model_type != kind:
+        raise ModelTypeError(cfg.name, cfg.model_type, kind)
+    if getattr(args, "export", False) and (args.backend or cfg.backend) != "torch":
+        from .manager import export_missing
+
+        export_missing(cfg, args.artifacts, announce=_say)
+    return cfg
+
+
 def _open_lm(args, name: str):
     from .runtime import open_language_model
 
-    return open_language_model(_cfg(args, name), artifacts_root=args.artifacts, backend=args.backend,
-                               threads=args.threads, device=args.device)
+    return open_language_model(_cfg_of_kind(args, name, "causal_lm"), artifacts_root=args.artifacts,
+                               backend=args.backend, threads=args.threads, device=args.device)
 
 
 def _stream_reply(lm, messages, kwargs) -> str:
@@ -75,12 +93,16 @@ def _stream_reply(lm, messages, kwargs) -> str:
 
 
 def cmd_generate(args) -> int:
+    from .inputs import check_prompt
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": check_prompt(args.prompt)})
     lm = _open_lm(args, args.name)
     print(f"[{args.name}: {lm.kind} on {lm.device}]", file=sys.stderr)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.prompt})
-    _stream_reply(lm, messages, _sampling_kwargs(args))
-    lm.close()
+    try:
+        _stream_reply(lm, messages, _sampling_kwargs(args))
+    finally:
+        lm.close()
     return 0
 
 
@@ -104,37 +126,46 @@ def cmd_chat(args) -> int:
 
 def cmd_embed(args) -> int:
     from .embeddings import open_encoder
+    from .inputs import check_texts
 
-    enc = open_encoder(_cfg(args, args.name), artifacts_root=args.artifacts, backend=args.backend,
-                       device=args.device)
+    texts = check_texts(args.texts)
+    enc = open_encoder(_cfg_of_kind(args, args.name, "embedding"), artifacts_root=args.artifacts,
+                       backend=args.backend, device=args.device)
     kind = "onnx" if type(enc).__name__ == "OrtEncoder" else "torch"
     print(f"[{args.name}: {kind} on {enc.device}]", file=sys.stderr)
-    vecs = enc.encode(args.texts)
-    for text, vec in zip(args.texts, vecs, strict=True):
+    vecs = enc.encode(texts)
+    for text, vec in zip(texts, vecs, strict=True):
         print(f"{text[:40]!r}: dim {len(vec)} [{', '.join(f'{x:.4f}' for x in vec[:6])}, ...]")
-    if len(args.texts) > 1:
+    if len(texts) > 1:
         sims = vecs @ vecs.T
         print("cosine similarity:")
-        for i, t in enumerate(args.texts):
-            print(f"  {t[:30]!r:34}" + " ".join(f"{sims[i, j]:6.3f}" for j in range(len(args.texts))))
+        for i, t in enumerate(texts):
+            print(f"  {t[:30]!r:34}" + " ".join(f"{sims[i, j]:6.3f}" for j in range(len(texts))))
     return 0
 
 
 def cmd_models(args) -> int:
+    """Artifact status of each configured model, decided by the type of error loading it raises:
+    sizes are always checked; hashes only with --verify (else the status says "not verified")."""
     from .artifact import artifact_dir, load_artifact
-    from .errors import ArtifactError
+    from .errors import ArtifactCorruptedError, ArtifactError, ArtifactMissingError
 
     configs = _configs(args)
-    print(f"{'model':24} {'type':10} {'precision':9} {'artifact':32} {'size':>9}  source")
+    print(f"{'model':24} {'type':10} {'precision':9} {'artifact':36} {'size':>9}  source")
     for cfg in configs.values():
         path = artifact_dir(args.artifacts, cfg.name, cfg.precision)
-        status, size = "missing", ""
+        size = ""
         try:
-            art = load_artifact(path, verify=False)
-            status, size = f"ok ({art.manifest['graph']})", f"{art.size_bytes / 1e6:.1f} MB"
-        except ArtifactError as exc:
-            status = "corrupted" if "manifest" in str(exc) and path.exists() else "missing"
-        print(f"{cfg.name:24} {cfg.model_type:10} {cfg.precision:9} {status:32} {size:>9}  {cfg.source.describe()}")
+            art = load_artifact(path, verify=args.verify)
+            status = f"{'verified' if args.verify else 'not verified'} ({art.manifest['graph']})"
+            size = f"{art.size_bytes / 1e6:.1f} MB"
+        except ArtifactMissingError:
+            status = "missing"
+        except ArtifactCorruptedError:
+            status = "corrupted (re-export)"
+        except ArtifactError:
+            status = "unusable (re-export)"
+        print(f"{cfg.name:24} {cfg.model_type:10} {cfg.precision:9} {status:36} {size:>9}  {cfg.source.describe()}")
     return 0
 
 
@@ -142,7 +173,7 @@ def cmd_verify(args) -> int:
     from .artifact import artifact_dir, load_artifact
 
     cfg = _cfg(args, args.name)
-    art = load_artifact(artifact_dir(args.artifacts, cfg.name, args.precision or cfg.precision))
+    art = load_artifact(artifact_dir(args.artifacts, cfg.name, args.precision or cfg.precision), rehash=True)
     print(f"{art.path}: {len(art.manifest['files'])} files match their sha256")
     return 0
 
@@ -154,12 +185,10 @@ def cmd_demo(args) -> int:
 
     configs = _configs(args)
     lm_cfg, emb_cfg = configs[args.lm], configs[args.embedder]
-    from .artifact import artifact_dir
-    from .export.pipeline import ExportOptions, export_model
+    from .manager import export_missing
 
     for cfg in (lm_cfg, emb_cfg):
-        if not (artifact_dir(args.artifacts, cfg.name, cfg.precision) / "manifest.json").is_file():
-            export_model(cfg, ExportOptions(precision=cfg.precision, out_root=args.artifacts))
+        export_missing(cfg, args.artifacts, announce=_say)
     lm = open_language_model(lm_cfg, artifacts_root=args.artifacts, backend="onnx")
     messages = [
         {"role": "system", "content": "You are the gentle narrator of a calming text adventure."},
@@ -240,6 +269,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _add_export_flag(p)
+
+
+def _add_export_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export", action="store_true",
+                   help="export the model's artifact first when none is published (progress on stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed texts and print their cosine similarities")
     _add_common(p)
     p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=None)
+    _add_export_flag(p)
     add_device_option(p)
     p.add_argument("name")
     p.add_argument("texts", nargs="+")
@@ -282,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="configured models, artifact status and sizes")
     _add_common(p)
+    p.add_argument("--verify", action="store_true", help="hash every artifact file (else sizes only)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("verify", help="check an artifact's files against its manifest hashes")
@@ -334,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, like other CLI tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 141
 
 
 if __name__ == "__main__":

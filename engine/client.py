@@ -88,6 +88,7 @@ class GenerationRequest:
     stop_sequences: Sequence[str] = ()
     stream: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
+    response_format: Any = None  # structured output (engine/structured.py); None = free text
 
 
 @dataclass
@@ -123,6 +124,25 @@ def _sampling_kwargs(max_tokens, temperature, top_p) -> dict[str, Any]:
     return {k: v for k, v in pairs if v is not None}
 
 
+def resolve_response_format(response_format: Any = None, expect_json: bool = False,
+                            json_schema: Mapping[str, Any] | None = None) -> Any:
+    """The ``response_format`` of a call, from the engine's argument or the game's legacy ones:
+    ``json_schema`` (a JSON Schema dict) constrains the output to that schema, ``expect_json`` to any JSON
+    object. An explicit ``response_format`` wins."""
+    if response_format is not None:
+        return response_format
+    if json_schema is not None:
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": dict(json_schema), "strict": True}}
+    if expect_json:
+        return {"type": "json_object"}
+    return None
+
+
+def _format_kwargs(response_format: Any) -> dict[str, Any]:
+    # only passed when set, so managers without structured output keep working for free text
+    return {} if response_format is None else {"response_format": response_format}
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -153,7 +173,9 @@ class LLMClient:
 
     # -- the drop-in for _call_lm_studio --------------------------------------------------------------
     async def _call_transformers(self, model_config: ClientModelConfig, messages: Sequence[Message] | str,
-                                 stream: bool = False, stream_callback: StreamCallback | None = None) -> str:
+                                 stream: bool = False, stream_callback: StreamCallback | None = None, *,
+                                 response_format: Any = None, expect_json: bool = False,
+                                 json_schema: Mapping[str, Any] | None = None) -> str:
         """Generate a reply to ``messages`` with ``model_config.name``; returns the full text.
 
         The messages go to the manager as a list of dicts, so the model's own chat template renders them.
@@ -162,10 +184,14 @@ class LLMClient:
         async) as it is decoded; with ``stream`` and a model that does not, the callback receives the whole
         text once. The whole request is bounded by ``model_config.timeout``: on expiry decoding is
         cancelled and :class:`GenerationTimeoutError` (a ``TimeoutError``) is raised.
+
+        ``response_format`` (or the game's ``expect_json`` / ``json_schema``) constrains the output
+        (engine/structured.py): the reply then always parses.
         """
         prompt = messages_to_prompt(messages)
         name = model_config.name
         kwargs = _sampling_kwargs(model_config.max_tokens, model_config.temperature, model_config.top_p)
+        kwargs.update(_format_kwargs(resolve_response_format(response_format, expect_json, json_schema)))
         mgr = self.model_manager
         if stream and model_config.supports_streaming:
             return await self._bounded(mgr.generate_streaming(prompt, name, stream_callback, **kwargs), name,
@@ -189,6 +215,7 @@ class LLMClient:
         ``timeout`` defaults to the client's ``default_timeout``.
         """
         kwargs = _sampling_kwargs(request.max_tokens, request.temperature, request.top_p)
+        kwargs.update(_format_kwargs(request.response_format))
         if request.stop_sequences:
             kwargs["stop"] = list(request.stop_sequences)
         limit = self.default_timeout if timeout is ... else timeout
@@ -218,8 +245,9 @@ class LLMClient:
                                  structured_output: bool = False, memory_budget_bytes: int | None = None,
                                  prefer: str = "quality", stats: Mapping[str, Mapping] | None = None,
                                  timeout: float | None | object = ..., max_tokens: int | None = None,
-                                 temperature: float | None = None, top_p: float | None = None
-                                 ) -> GenerationResponse:
+                                 temperature: float | None = None, top_p: float | None = None,
+                                 response_format: Any = None, expect_json: bool = False,
+                                 json_schema: Mapping[str, Any] | None = None) -> GenerationResponse:
         """Select a model for ``task_type`` (engine/selection.py) and answer ``messages``, falling back.
 
         ``configs``: engine model configs (``{name: ModelConfig}`` or the design note's dicts); default: the
@@ -233,7 +261,8 @@ class LLMClient:
         would see two answers spliced together).
 
         ``timeout`` (default: the client's ``default_timeout``) bounds each attempt; ``max_tokens``,
-        ``temperature`` and ``top_p`` override the configs' values. Returns a :class:`GenerationResponse`
+        ``temperature`` and ``top_p`` override the configs' values; ``response_format`` (or ``expect_json`` /
+        ``json_schema``) constrains each attempt's output. Returns a :class:`GenerationResponse`
         whose ``model_id`` is the model that answered; ``usage`` is filled for non-streamed calls (from
         ``complete``) and ``{}`` for streamed ones; ``metadata`` holds ``task_type``, ``fallback_chain``,
         ``attempts`` (``[{"model", "error"}]`` of the failed ones) and, when known, ``finish_reason``;
@@ -251,6 +280,7 @@ class LLMClient:
         chain += [m for m in ranked if m not in chain]
         limit = self.default_timeout if timeout is ... else timeout
         prompt = messages_to_prompt(messages)
+        fmt = resolve_response_format(response_format, expect_json, json_schema)
 
         delivered = 0
 
@@ -267,10 +297,11 @@ class LLMClient:
             mc = replace(mc, **_sampling_kwargs(max_tokens, temperature, top_p))
             try:
                 if stream:
-                    text = await self._call_transformers(mc, prompt, True, counting)
+                    text = await self._call_transformers(mc, prompt, True, counting, response_format=fmt)
                     usage, finish = {}, None
                 else:
                     kwargs = _sampling_kwargs(mc.max_tokens, mc.temperature, mc.top_p)
+                    kwargs.update(_format_kwargs(fmt))
                     completion = await self._bounded(self.model_manager.complete(prompt, name, **kwargs), name,
                                                      mc.timeout)
                     text, usage, finish = completion["text"], _usage(completion), completion.get("finish_reason")

@@ -97,7 +97,7 @@ class ModelConfig:
     normalize_embeddings: bool = True
     memory_bytes: int | None = None
     fallbacks: tuple[str, ...] = ()
-    export_on_demand: bool = True
+    export_on_demand: bool = False  # export a missing artifact when the manager first loads the model
     task_mapping: Mapping[str, TaskSuitability] = field(default_factory=lambda: MappingProxyType({}))
     file: str = "<dict>"
 

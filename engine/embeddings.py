@@ -146,27 +146,16 @@ class TorchEncoder:
 
 
 def open_encoder(cfg, *, artifacts_root=None, backend: str | None = None, cache_dir: str | None = None,
-                 threads: int | None = None, export_if_missing: bool | None = None, device: str | None = None):
-    """The ONNX artifact when it exists (exporting it first when the config allows), else sentence-transformers.
-    ``device``: default the config's ('auto' | 'cpu' | 'cuda' | 'cuda:N')."""
-    import logging
-
+                 threads: int | None = None, device: str | None = None):
+    """The ONNX artifact, else (backend "auto", nothing published) sentence-transformers; nothing is
+    exported here (see ``open_language_model`` for the rules). ``device``: default the config's
+    ('auto' | 'cpu' | 'cuda' | 'cuda:N')."""
     from .artifact import artifact_dir, load_artifact
+    from .runtime import use_artifact
     from .sources import resolve_source
 
-    log = logging.getLogger(__name__)
-    backend = backend or cfg.backend
     device = device or cfg.device
     path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
-    if backend != "torch":
-        export = cfg.export_on_demand if export_if_missing is None else export_if_missing
-        if not (path / "manifest.json").is_file() and export:
-            from .export.pipeline import ExportOptions, export_model
-
-            log.warning("no %s artifact for %s at %s: exporting it now", cfg.precision, cfg.name, path)
-            export_model(cfg, ExportOptions(precision=cfg.precision, out_root=path.parents[1], cache_dir=cache_dir))
-        if (path / "manifest.json").is_file() or backend == "onnx":
-            art = load_artifact(path)
-            return OrtEncoder(art.path, threads=threads, device=device)
-        log.warning("no artifact for %s at %s: using sentence-transformers (PyTorch)", cfg.name, path)
+    if use_artifact(path, backend or cfg.backend):
+        return OrtEncoder(load_artifact(path).path, threads=threads, device=device)
     return TorchEncoder(resolve_source(cfg, cache_dir).directory, device=device)

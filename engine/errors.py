@@ -94,3 +94,16 @@ class NoCapableModelError(TTAEngineError, LookupError):
 
 class BackendUnavailableError(TTAEngineError, ImportError):
     """An optional dependency needed for this path is not installed."""
+
+
+class StructuredOutputError(TTAEngineError, ValueError):
+    """A ``response_format`` that does not compile, or output that did not complete / validate.
+
+    ``raw_text`` holds the generated text when there was some (e.g. max_tokens hit before the grammar was
+    complete); ``finish_reason`` the request's finish reason when known.
+    """
+
+    def __init__(self, message: str, *, raw_text: str = "", finish_reason: str | None = None):
+        super().__init__(message)
+        self.raw_text = raw_text
+        self.finish_reason = finish_reason

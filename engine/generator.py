@@ -100,8 +100,10 @@ class TokenStream:
     """
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: Sequence[int],
-                 state: GenerationState):
+                 state: GenerationState, grammar=None):
         self.prompt_ids, self.params, self.state = list(prompt_ids), params, state
+        # structured output (engine/structured.py): a CompiledGrammar -> this request's own matcher
+        self.grammar = grammar.start() if grammar is not None else None
         self.rng = make_rng(params.seed)
         self.detok = IncrementalDetokenizer(tokenizer, self.prompt_ids)
         self.stopper = StopStringMatcher(params.stop)
@@ -109,10 +111,19 @@ class TokenStream:
         self.eos_list = sorted(self.eos)
         self.done = False
 
+    def prepare(self) -> None:
+        """Call before the forward pass that produces this request's next logits: a constrained request
+        starts computing its allowed-token mask in a worker thread meanwhile."""
+        if self.grammar is not None and not self.done:
+            self.grammar.prepare()
+
     def sample(self, logits: np.ndarray) -> int:
-        """logits [vocab] of the next position -> token id."""
+        """logits [vocab] of the next position -> token id (within the grammar's mask, if constrained)."""
         st = self.state
+        raw = logits
         logits = process_logits(logits, self.params, st.tokens, self.prompt_ids, self.eos_list, len(st.tokens))
+        if self.grammar is not None:
+            logits = self.grammar.mask_logits(logits, fallback=raw if logits is not raw else None)
         token = sample_token(logits, self.params, self.rng)
         if st.t_first is None:
             st.t_first = time.perf_counter()
@@ -125,6 +136,8 @@ class TokenStream:
         if token in self.eos:
             st.finish_reason = "stop"
             return self._finish()
+        if self.grammar is not None:
+            self.grammar.consume(token)
         st.tokens.append(token)
         delta, stopped = self.stopper.push(self.detok.push(token))
         if delta:
@@ -132,6 +145,10 @@ class TokenStream:
         if stopped:
             st.finish_reason = "stop"
             self.done = True
+            self.release()
+        elif self.grammar is not None and self.grammar.is_stopped:  # complete: only EOS could follow
+            st.finish_reason = "stop"
+            delta += self._finish()
         elif len(st.tokens) >= self.params.max_new_tokens:
             st.finish_reason = "length"
             delta += self._finish()
@@ -143,6 +160,7 @@ class TokenStream:
         if stopped:
             self.state.finish_reason = "stop"
         self.done = True
+        self.release()
         if tail:
             self.state.text.append(tail)
         return tail
@@ -150,15 +168,23 @@ class TokenStream:
     def cancel(self) -> None:
         self.state.finish_reason = "cancelled"
         self.done = True
+        self.release()
+
+    def release(self) -> None:
+        """Free the grammar matcher (idempotent)."""
+        if self.grammar is not None:
+            self.grammar.close()
+            self.grammar = None
 
 
 def generate_events(backend, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                     eos_ids: Sequence[int], *, cache=None, reuse_len: int = 0,
-                    state: GenerationState | None = None) -> Iterator[str]:
+                    state: GenerationState | None = None, grammar=None) -> Iterator[str]:
     """Yield text deltas (valid UTF-8, stop strings withheld) until EOS, a stop string or max_new_tokens.
 
     ``cache`` may already hold the first ``reuse_len`` prompt tokens (prefix reuse); only the rest is
-    prefilled. ``state`` (if given) receives tokens, text, timings and the finish reason.
+    prefilled. ``state`` (if given) receives tokens, text, timings and the finish reason. ``grammar`` (a
+    CompiledGrammar of engine/structured.py) constrains the output.
     """
     prompt_ids = list(prompt_ids)
     check_context(len(prompt_ids), params.max_new_tokens, backend.context_length)
@@ -167,8 +193,9 @@ def generate_events(backend, tokenizer, prompt_ids: Sequence[int], params: Sampl
     own_cache = cache is None
     if own_cache:
         cache = backend.new_cache(1, capacity=len(prompt_ids) + params.max_new_tokens)
-    stream = TokenStream(tokenizer, prompt_ids, params, eos_ids, st)
+    stream = TokenStream(tokenizer, prompt_ids, params, eos_ids, st, grammar)
     try:
+        stream.prepare()
         logits = prefill(backend, cache, prompt_ids[reuse_len:])
         st.t_prefill = time.perf_counter()
         while True:
@@ -178,11 +205,13 @@ def generate_events(backend, tokenizer, prompt_ids: Sequence[int], params: Sampl
                 yield delta
             if stream.done:
                 return
+            stream.prepare()
             logits = decode_one_token(backend, cache, token)
     except GeneratorExit:
         stream.cancel()
         raise
     finally:
+        stream.release()
         if own_cache:
             cache.close()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .errors import EmptyInputError, InvalidInputError
+from .errors import ContextLengthError, EmptyInputError, InvalidInputError
 
 ROLES = ("system", "user", "assistant", "tool")
 _MESSAGE_HINT = "pass a list of {'role': ..., 'content': ...} dicts (or objects with .role and .content)"
@@ -87,3 +87,18 @@ def check_texts(texts: Any) -> list[str]:
     if not out:
         raise EmptyInputError("no texts to embed: pass at least one string")
     return out
+
+
+def prompt_chars(prompt: str | list[dict[str, str]]) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+
+
+def check_prompt_size(prompt: str | list[dict[str, str]], context_length: int, max_token_chars: int) -> None:
+    """Refuse, before tokenizing, a prompt that cannot fit: no token spells more than ``max_token_chars``
+    characters, so a prompt of more than ``context_length * max_token_chars`` characters has more tokens
+    than the context holds (a 10^6-character prompt fails at once instead of after a second of BPE)."""
+    n = prompt_chars(prompt)
+    if max_token_chars > 0 and n > context_length * max_token_chars:
+        raise ContextLengthError(
+            f"the prompt has {n} characters, at least {n // max_token_chars} tokens, more than the context of "
+            f"{context_length} tokens; shorten the prompt.")

@@ -109,7 +109,8 @@ class TransformersModelManager:
                  memory_budget_bytes: int | None = None, max_batch: int = 16, max_queue: int = 64,
                  prefix_cache_entries: int = 8, prefix_cache_bytes: int = 256 << 20,
                  embedding_cache_size: int = 4096, threads: int | None = None, backend: str | None = None,
-                 wide_step_rows: int = 0, device: str | None = None):
+                 wide_step_rows: int = 0, export_on_demand: bool | None = None, device: str | None = None,
+                 cuda_graph: bool = False):
         self.model_configs: dict[str, ModelConfig] = coerce_configs(model_configs)
         self.cache_dir = cache_dir
         self.artifacts_root = artifacts_root
@@ -118,10 +119,13 @@ class TransformersModelManager:
         self.max_batch, self.max_queue, self.prefix_cache_entries = max_batch, max_queue, prefix_cache_entries
         self.prefix_cache_bytes, self.wide_step_rows = prefix_cache_bytes, wide_step_rows
         self.threads, self.backend = threads, backend
+        # None: each config's own export_on_demand (default off); True/False: for every model.
+        self.export_on_demand = export_on_demand
         # 'auto' | 'cpu' | 'cuda' | 'cuda:N' for every model (overrides the configs' device); None: per config
         if device is not None:
             parse_device(device)  # ConfigError now rather than at the first load
         self.device = device
+        self.cuda_graph = cuda_graph  # ONNX artifacts on a GPU: decode steps replayed as CUDA graphs (opt-in)
         self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -131,6 +135,8 @@ class TransformersModelManager:
     # -- names --------------------------------------------------------------------------------------
     def resolve_name(self, name: str) -> str:
         """A config name, or a model_id such as the design note's 'sentence-transformers/all-MiniLM-L6-v2'."""
+        if not isinstance(name, str):
+            raise UnknownModelError(repr(name), list(self.model_configs))
         if name in self.model_configs:
             return name
         by_id = [n for n, c in self.model_configs.items() if c.model_id == name]
@@ -191,6 +197,9 @@ class TransformersModelManager:
             entry.in_flight -= 1
 
     def _open(self, cfg: ModelConfig) -> _Loaded:
+        on_demand = cfg.export_on_demand if self.export_on_demand is None else self.export_on_demand
+        if on_demand and (self.backend or cfg.backend) != "torch":
+            export_missing(cfg, self.artifacts_root, cache_dir=self.cache_dir)
         if cfg.is_embedding:
             from .embeddings import OrtEncoder, open_encoder
 
@@ -202,7 +211,8 @@ class TransformersModelManager:
         from .runtime import open_language_model
 
         lm = open_language_model(cfg, artifacts_root=self.artifacts_root, backend=self.backend,
-                                 cache_dir=self.cache_dir, threads=self.threads, device=self.device)
+                                 cache_dir=self.cache_dir, threads=self.threads, device=self.device,
+                                 cuda_graph=self.cuda_graph)
         sched = BatchScheduler(lm, max_batch=self.max_batch, max_queue=self.max_queue,
                                prefix_cache_entries=self.prefix_cache_entries,
                                prefix_cache_bytes=self.prefix_cache_bytes, wide_step_rows=self.wide_step_rows)
@@ -272,9 +282,12 @@ class TransformersModelManager:
         return name
 
     async def astream(self, prompt, model_name: str, *, state: GenerationState | None = None,
-                      **kwargs) -> AsyncIterator[str]:
+                      response_format: Any = None, **kwargs) -> AsyncIterator[str]:
         """Async iterator of text deltas. ``prompt``: a string (raw text) or a list of chat messages.
         kwargs override the config defaults (max_tokens, temperature, top_p, top_k, stop, seed, ...).
+        ``response_format`` constrains the output (engine/structured.py: a Pydantic model class, a JSON
+        Schema dict, {"type": "json_schema" | "json_object" | "regex" | "choice" | "grammar", ...}); one
+        that does not compile raises StructuredOutputError before anything is decoded.
         Cancelling or closing the iterator stops the request's decoding at the next step."""
         name = self._kind_of(model_name, "causal_lm")
         entry = await self._acquire(name)
@@ -282,6 +295,11 @@ class TransformersModelManager:
             lm = entry.model
             ids = lm.encode_prompt(prompt)
             params = lm.params(**kwargs)
+            grammar = None
+            if response_format is not None:
+                from .structured import acompile_for_model
+
+                grammar = await acompile_for_model(lm, response_format)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -292,7 +310,7 @@ class TransformersModelManager:
                     pass
 
             st = state if state is not None else GenerationState(len(ids))
-            req = entry.scheduler.submit(ids, params, emit, st)
+            req = entry.scheduler.submit(ids, params, emit, st, grammar=grammar)
             stats = self._stats[entry.name]
             stats.requests += 1
             finished = failed = False
@@ -348,6 +366,16 @@ class TransformersModelManager:
         """Messages ({role, content} dicts or Message objects) rendered with the model's chat template."""
         return await self.generate(list(messages), model_name, **kwargs)
 
+    async def generate_structured(self, prompt, model_name: str, output_model: Any, **kwargs) -> Any:
+        """Generate under ``output_model``'s constraint and return it parsed and validated: an instance of a
+        Pydantic model class, or the JSON value for a JSON Schema dict. Raises StructuredOutputError (with
+        ``raw_text``) when max_tokens ends the output before the grammar is complete, or it does not
+        validate."""
+        from .structured import validate_output
+
+        completion = await self.complete(prompt, model_name, response_format=output_model, **kwargs)
+        return validate_output(completion["text"], output_model, finish_reason=completion["finish_reason"])
+
     # -- embeddings ---------------------------------------------------------------------------------
     def get_embeddings(self, texts: list[str],
                        model_name: str = "sentence-transformers/all-MiniLM-L6-v2") -> list[list[float]]:
@@ -398,6 +426,27 @@ class TransformersModelManager:
                         d.update(prefix_cache_hits=p.hits, prefix_cache_misses=p.misses)
                 out[name] = d
         return out
+
+
+def export_missing(cfg: ModelConfig, artifacts_root: str | Path | None = None, *, cache_dir: str | None = None,
+                   announce: Callable[[str], Any] | None = None) -> bool:
+    """Export ``cfg``'s artifact when none is published (export on demand: the manager's
+    ``export_on_demand`` setting, the CLI's ``--export``), announcing it and each stage with ``announce``
+    (default: a WARNING log line). A damaged artifact is left alone (loading it raises a typed error).
+    Returns whether it exported."""
+    from .artifact import artifact_dir, artifact_present
+
+    path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
+    if artifact_present(path):
+        return False
+    from tta_engine.export.pipeline import ExportOptions, export_model
+
+    say = announce or (lambda line: log.warning("%s", line))
+    say(f"no {cfg.precision} artifact for {cfg.name} at {path}: exporting it now (export on demand; "
+        "this takes a while)")
+    export_model(cfg, ExportOptions(precision=cfg.precision, out_root=path.parents[1], cache_dir=cache_dir),
+                 progress=say)
+    return True
 
 
 def _release_memory() -> None:

@@ -15,16 +15,18 @@ the interface the generator (engine/generator.py) is written against; the PyTorc
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .device import Device, resolve_device
-from .errors import context_exceeded
+from .errors import ConfigError, context_exceeded
 from .kv_memory import HostMemory, kv_memory
 from .ort_session import create_session
 
+log = logging.getLogger(__name__)
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32}
 
@@ -136,7 +138,16 @@ class OrtDecoder:
         self.static_decode = decoder_meta["graph"] == "fused" and (
             self.cuda_graph if static_decode is None else bool(static_decode))
         self._graph_ids = itertools.count(1)
-        self.session = create_session(model_path, threads=threads, device=self.device, cuda_graph=self.cuda_graph)
+        try:
+            self.session = create_session(model_path, threads=threads, device=self.device, cuda_graph=self.cuda_graph)
+        except Exception as exc:  # noqa: BLE001 - ORT refuses capture when a node is not on the CUDA provider
+            if not self.cuda_graph:
+                raise
+            raise ConfigError(
+                f"cuda_graph=True: ONNX Runtime cannot capture {Path(model_path).name} as a CUDA graph "
+                f"({str(exc).splitlines()[0][:200]}). Every node must run on the CUDA provider, which for the "
+                "fused graph means an fp16 artifact (GroupQueryAttention has CUDA kernels for fp16/bf16 "
+                "only): `tta-engine export NAME --precision fp16`, or drop cuda_graph.") from exc
         # Optional second graph for prompts (same IO and KV layout, other kernels: e.g. int8 on AMX/VNNI
         # prefills several times faster than int4 MatMulNBits, while int4 decodes faster).
         prefill = decoder_meta.get("prefill")
@@ -160,6 +171,10 @@ class OrtDecoder:
         self.kv_dtype = _NP_DTYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.logits_dtype = _NP_DTYPES.get(outputs["logits"].type, np.float32)
+        if self.device.is_cuda and self.layout == "fused" and self.kv_dtype != np.float16:
+            log.warning("%s on %s: GroupQueryAttention has no fp32 CUDA kernel, so attention runs on the CPU "
+                        "with the KV cache copied each step; export --precision fp16 for the GPU",
+                        Path(model_path).parent.name, self.device)
         self.vocab_size = int(decoder_meta["vocab_size"])
 
     # -- caches -------------------------------------------------------------------------------------

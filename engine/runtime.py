@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .artifact import Artifact, artifact_dir, load_artifact
+from .artifact import Artifact, artifact_dir, artifact_present, export_command, load_artifact
 from .config import ModelConfig
 from .errors import ArtifactError, InvalidInputError
 from .generator import Completion, GenerationState, generate, generate_events
-from .inputs import check_prompt
+from .inputs import check_prompt, check_prompt_size
 from .sampling import SamplingParams, params_from_kwargs
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,14 @@ class LanguageModel:
         self.kind = kind  # "onnx" | "torch"
         self.size_bytes = size_bytes
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"tta-{name}")
+        self._token_chars: int | None = None
 
     # -- prompts ------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Messages) -> list[int]:
         """A string is used as raw text; a list of messages is rendered with the model's chat template.
         Invalid prompts raise InvalidInputError / EmptyInputError (engine/inputs.py)."""
         prompt = check_prompt(prompt)
+        check_prompt_size(prompt, self.backend.context_length, self._max_token_chars())
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
         if not getattr(self.tokenizer, "chat_template", None):
@@ -60,19 +62,36 @@ class LanguageModel:
             raise InvalidInputError(f"the chat template of {self.name} refuses these messages: {exc}") from exc
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
+    def _max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry (0: unknown, no size check before tokenizing)."""
+        if self._token_chars is None:
+            vocab = getattr(self.tokenizer, "get_vocab", None)
+            self._token_chars = max(map(len, vocab()), default=0) if vocab is not None else 0
+        return self._token_chars
+
     def params(self, **kwargs: Any) -> SamplingParams:
         return params_from_kwargs(self.defaults, **kwargs)
 
     # -- sync ---------------------------------------------------------------------------------------
-    def events(self, prompt: str | Messages, state: GenerationState | None = None, **kwargs) -> Iterator[str]:
+    def events(self, prompt: str | Messages, state: GenerationState | None = None, response_format: Any = None,
+               **kwargs) -> Iterator[str]:
+        """Text deltas; ``response_format`` constrains the output (engine/structured.py)."""
         ids = self.encode_prompt(prompt)
         params = self.params(**kwargs)
         return generate_events(self.backend, self.tokenizer, ids, params, self.eos_ids,
-                               state=state if state is not None else GenerationState(len(ids)))
+                               state=state if state is not None else GenerationState(len(ids)),
+                               grammar=self._grammar(response_format))
 
-    def generate(self, prompt: str | Messages, **kwargs) -> Completion:
+    def _grammar(self, response_format: Any):
+        if response_format is None:
+            return None
+        from .structured import compile_for_model
+
+        return compile_for_model(self, response_format)
+
+    def generate(self, prompt: str | Messages, response_format: Any = None, **kwargs) -> Completion:
         return generate(self.backend, self.tokenizer, self.encode_prompt(prompt), self.params(**kwargs),
-                        self.eos_ids)
+                        self.eos_ids, grammar=self._grammar(response_format))
 
     def stream(self, prompt: str | Messages, **kwargs) -> Iterator[str]:
         """Text deltas; ``close()`` the iterator (or break out of a for loop) to stop decoding."""
@@ -134,7 +153,8 @@ def _defaults(cfg: ModelConfig | None) -> SamplingParams:
 
 
 def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, threads: int | None = None,
-                     device: str | None = None) -> LanguageModel:
+                     device: str | None = None, cuda_graph: bool = False) -> LanguageModel:
+    """``cuda_graph``: decode steps replayed as CUDA graphs on a GPU (see OrtDecoder; off by default)."""
     from transformers import AutoTokenizer
 
     from .ort_decoder import OrtDecoder
@@ -143,7 +163,7 @@ def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, thre
         raise ArtifactError(f"{artifact.path} holds a {artifact.kind!r} model, not a causal LM")
     meta = artifact.manifest["decoder"]
     device = device or (cfg.device if cfg is not None else "auto")
-    backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device)
+    backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device, cuda_graph=cuda_graph)
     tokenizer = AutoTokenizer.from_pretrained(artifact.path)
     return LanguageModel(artifact.name, backend, tokenizer, meta["eos_token_ids"], _defaults(cfg), kind="onnx",
                          size_bytes=artifact.size_bytes, device=str(backend.device))
@@ -172,23 +192,30 @@ def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None, device: str
 
 
 def open_language_model(cfg: ModelConfig, *, artifacts_root: str | Path | None = None, backend: str | None = None,
-                        cache_dir: str | None = None, export_if_missing: bool | None = None,
-                        threads: int | None = None, device: str | None = None) -> LanguageModel:
-    """The compiled artifact when it exists (exporting it first when the config allows), else PyTorch.
-    ``device`` (default: the config's) is resolved by engine/device.py for the backend that opens."""
-    backend = backend or cfg.backend
+                        cache_dir: str | None = None, threads: int | None = None,
+                        device: str | None = None, cuda_graph: bool = False) -> LanguageModel:
+    """The compiled artifact; with backend "auto" and no artifact published, the PyTorch fallback.
+    ``device`` (default: the config's) is resolved by engine/device.py for the backend that opens;
+    ``cuda_graph`` applies to an artifact on a GPU (see OrtDecoder).
+
+    Nothing is exported here (the manager's ``export_on_demand`` and the CLI's ``--export`` do that):
+    a damaged artifact raises ArtifactCorruptedError, and a missing one, when PyTorch cannot stand in,
+    ArtifactMissingError naming the export command."""
     device = device or cfg.device
     path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
-    if backend != "torch":
-        if not (path / "manifest.json").is_file() and (cfg.export_on_demand if export_if_missing is None
-                                                       else export_if_missing):
-            from .export.pipeline import ExportOptions, export_model
-
-            log.warning("no %s artifact for %s at %s: exporting it now", cfg.precision, cfg.name, path)
-            export_model(cfg, ExportOptions(precision=cfg.precision, out_root=Path(path).parents[1],
-                                            cache_dir=cache_dir))
-        if (path / "manifest.json").is_file() or backend == "onnx":
-            return open_artifact_lm(load_artifact(path), cfg, threads=threads, device=device)
-        log.warning("no artifact for %s at %s: using the PyTorch fallback (run `tta-engine export %s`)",
-                    cfg.name, path, cfg.name)
+    if use_artifact(path, backend or cfg.backend):
+        return open_artifact_lm(load_artifact(path), cfg, threads=threads, device=device, cuda_graph=cuda_graph)
     return open_torch_lm(cfg, cache_dir=cache_dir, device=device)
+
+
+def use_artifact(path: Path, backend: str) -> bool:
+    """Whether to open the artifact at ``path`` (else PyTorch): always for "onnx", never for "torch";
+    for "auto" when anything is published there (so a damaged artifact is an error, not a silent
+    fallback) or when PyTorch is not installed (then the error names the export command)."""
+    if backend == "torch":
+        return False
+    if backend == "onnx" or artifact_present(path) or importlib.util.find_spec("torch") is None:
+        return True
+    log.warning("no artifact at %s: using the PyTorch fallback (run `%s` for the compiled runtime)",
+                path, export_command(path))
+    return False

@@ -49,6 +49,7 @@ class Request:
     cache: object = None  # per-request cache (non-fused backends)
     last_token: int = -1
     reused_tokens: int = 0
+    grammar: object = None  # structured output: a CompiledGrammar (engine/structured.py) or None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -148,10 +149,10 @@ class BatchScheduler:
 
     # -- API ----------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[object], None],
-               state: GenerationState | None = None) -> Request:
+               state: GenerationState | None = None, grammar=None) -> Request:
         prompt_ids = list(prompt_ids)
         check_context(len(prompt_ids), params.max_new_tokens, self.backend.context_length)
-        req = Request(prompt_ids, params, emit, state or GenerationState(len(prompt_ids)))
+        req = Request(prompt_ids, params, emit, state or GenerationState(len(prompt_ids)), grammar=grammar)
         req.state.prompt_len = len(prompt_ids)
         with self.cond:
             if self.closed:
@@ -218,7 +219,9 @@ class BatchScheduler:
             req.state.finish_reason = "cancelled"
             req.emit(END)
             return
-        req.stream = TokenStream(self.lm.tokenizer, req.prompt_ids, req.params, self.lm.eos_ids, req.state)
+        req.stream = TokenStream(self.lm.tokenizer, req.prompt_ids, req.params, self.lm.eos_ids, req.state,
+                                 req.grammar)
+        req.stream.prepare()  # a constrained request's first mask is computed while the prompt prefills
         if self.fused:
             row = len(self.active)
             self.active.append(req)
@@ -312,6 +315,8 @@ class BatchScheduler:
             need = int(self.big.lengths[:n].max()) + 1
             self.big.ensure_capacity(need, keep=self._rows_in_use())
             view = self._view(0, n)
+            for req in self.active:
+                req.stream.prepare()  # constrained rows: masks computed while the forward pass runs
             tokens = np.array([[r.last_token] for r in self.active], dtype=np.int64)
             wide = bool(self.wide_step_rows) and n >= self.wide_step_rows
             logits = self.backend.forward(view, tokens, prefill_graph=wide)  # fused: always an OrtDecoder
@@ -320,6 +325,7 @@ class BatchScheduler:
                 self._take(req, row_logits)
         else:
             for req in list(self.active):
+                req.stream.prepare()
                 logits = self.backend.forward(req.cache, np.array([[req.last_token]], dtype=np.int64))[0]
                 self._take(req, logits)
 
@@ -329,8 +335,13 @@ class BatchScheduler:
             req.stream.cancel()
             self._retire(req)
             return
-        token = req.stream.sample(logits)
-        delta = req.stream.accept(token)
+        try:
+            token = req.stream.sample(logits)
+            delta = req.stream.accept(token)
+        except Exception as exc:  # noqa: BLE001 - e.g. StructuredOutputError: fails this request only
+            log.warning("request failed while sampling: %s", exc)
+            self._retire(req, exc)
+            return
         if delta:
             req.emit(delta)
         if req.stream.done:
@@ -364,4 +375,6 @@ class BatchScheduler:
         if req.cache is not None:
             req.cache.close()
             req.cache = None
+        if req.stream is not None:
+            req.stream.release()
         req.emit(error if error is not None else END)

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from typing import Any
 from tta_engine.artifact import (
     Artifact,
     artifact_dir,
+    export_lock,
     load_artifact,
+    remove_stale_staging,
     sha256_file,
     staged_artifact,
     write_manifest,
@@ -63,8 +66,8 @@ class ExportOptions:
 class Progress:
     """Prints one readable line per stage with its duration (to stderr unless told otherwise)."""
 
-    def __init__(self, name: str, stream=None, quiet: bool = False):
-        self.name, self.stream, self.quiet = name, stream or sys.stderr, quiet
+    def __init__(self, name: str, stream=None, quiet: bool = False, sink: Callable[[str], Any] | None = None):
+        self.name, self.stream, self.quiet, self.sink = name, stream or sys.stderr, quiet, sink
         self.t0 = self.t = time.perf_counter()
 
     def stage(self, key: str, what: str) -> None:
@@ -75,7 +78,9 @@ class Progress:
         self._print(f"      done in {time.perf_counter() - self.t:.1f}s" + (f" - {detail}" if detail else ""))
 
     def _print(self, line: str) -> None:
-        if not self.quiet:
+        if self.sink is not None:
+            self.sink(line)
+        elif not self.quiet:
             print(line, file=self.stream, flush=True)
 
 
@@ -107,21 +112,29 @@ def _source_manifest(cfg: ModelConfig, resolved: ResolvedSource) -> dict[str, An
     }
 
 
-def export_model(cfg: ModelConfig, options: ExportOptions = ExportOptions(), *, quiet: bool = False) -> Artifact:
-    """Export ``cfg`` at ``options.precision``; returns the published, verified artifact."""
-    return export_models(cfg, [options.precision], options, quiet=quiet)[0]
+def export_model(cfg: ModelConfig, options: ExportOptions = ExportOptions(), *, quiet: bool = False,
+                 progress: Callable[[str], Any] | None = None) -> Artifact:
+    """Export ``cfg`` at ``options.precision``; returns the published, verified artifact.
+    ``progress`` receives the stage lines instead of stderr."""
+    return export_models(cfg, [options.precision], options, quiet=quiet, progress=progress)[0]
 
 
 def export_models(cfg: ModelConfig, precisions: list[str], options: ExportOptions = ExportOptions(), *,
-                  quiet: bool = False) -> list[Artifact]:
+                  quiet: bool = False, progress: Callable[[str], Any] | None = None) -> list[Artifact]:
     """Export ``cfg`` at each precision. The source is loaded, exported, fused and validated at fp32 once;
     each precision is then quantized, validated and published atomically on its own."""
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise ExportError(f"precision {bad[0] if bad else None!r} is not one of {', '.join(PRECISIONS)}")
     root = artifact_dir(options.out_root, cfg.name, precisions[0]).parent
-    root.mkdir(parents=True, exist_ok=True)
-    progress = Progress(f"{cfg.name} ({', '.join(precisions)})", quiet=quiet)
+    with export_lock(root):  # one export per model at a time; what dead exports left behind goes
+        remove_stale_staging(root)
+        return _export_locked(cfg, precisions, options, root,
+                              Progress(f"{cfg.name} ({', '.join(precisions)})", quiet=quiet, sink=progress))
+
+
+def _export_locked(cfg: ModelConfig, precisions: list[str], options: ExportOptions, root: Path,
+                   progress: Progress) -> list[Artifact]:
     artifacts = []
     with tempfile.TemporaryDirectory(prefix=".work-", dir=root) as work_str:
         prepare = _prepare_encoder if cfg.is_embedding else _prepare_decoder

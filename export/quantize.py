@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import onnx
@@ -278,17 +279,29 @@ def save_onnx(model: onnx.ModelProto, dst: Path) -> None:
         onnx.save_model(model, str(dst))
 
 
+class _ThreadQuiet(logging.Filter):
+    """Drops records below ERROR logged by one thread (the quantizing one); other threads log as usual."""
+
+    def __init__(self, thread: int):
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread or record.levelno >= logging.ERROR
+
+
 def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32) -> dict:
-    # ORT's quantizers log every node at INFO (on the root logger and their own); keep export readable.
+    # ORT's quantizers log every node at INFO (on the root logger and their own); keep export readable
+    # without touching any logger's level: a filter drops this thread's records below ERROR.
+    quiet = _ThreadQuiet(threading.get_ident())
     loggers = [logging.getLogger(n) for n in ("", "onnxruntime.quantization.matmul_nbits_quantizer")]
-    levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.addFilter(quiet)
     try:
         return _quantize(src, dst, precision, block_size)
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        for lg in loggers:
+            lg.removeFilter(quiet)
 
 
 def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> dict:

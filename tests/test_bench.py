@@ -80,17 +80,15 @@ def test_model_against_itself_gives_ratios_near_one(tiny_lm_pair):
     assert [len(samples[k]) for k in ("a", "b")] == [7, 7]
     assert samples["a"][0].token_ids == samples["b"][0].token_ids  # same weights, greedy: same tokens
     assert samples["a"][0].n_tokens == 48  # min_new_tokens: EOS never ends a run early
-    # The same engine under the names the targets use: every ratio is timing noise around 1.
+    # The same engine under the names the targets use: one ratio row per pair, from these samples.
+    # (How close to 1 they come is timing noise: benchmarks/self_comparison.py measures that, not a test.)
     def metrics(key):
         return {"decode_tok_s": [s.decode_tok_s for s in samples[key]], "ttft_s": [s.ttft_s for s in samples[key]]}
     decode = {"tta-int4": metrics("a"), "optimum-int8": metrics("b"), "torch-fp32": metrics("b")}
-    rows = [r for r in bench.target_ratios(decode, None) if r["value"] is not None]
-    assert len(rows) >= 3
-    for r in rows:
-        assert 0.5 <= r["value"] <= 2.0, r
-    # and the two interleaved halves of one engine's own samples
-    first, second = bench.interleaved_halves([s.decode_tok_s for s in samples["a"] + samples["b"]])
-    assert 0.5 <= bench.ratio(first, second) <= 2.0
+    rows = {r["name"]: r for r in bench.target_ratios(decode, None) if r["value"] is not None}
+    expect = bench.ratio(metrics("a")["decode_tok_s"], metrics("b")["decode_tok_s"])
+    assert rows["decode tok/s: tta int4 ÷ Optimum int8"]["value"] == pytest.approx(expect)
+    assert all(s.decode_tok_s > 0 and s.ttft_s > 0 for k in ("a", "b") for s in samples[k])
 
 
 def test_context_sweep_and_embedding_self_comparison(tiny_lm_pair, artifacts):
@@ -106,7 +104,8 @@ def test_context_sweep_and_embedding_self_comparison(tiny_lm_pair, artifacts):
                               pause_s=0.0, log=_quiet)
     assert res["tta-fp32"]["min_cosine"] > 0.99999
     row = {r["name"]: r for r in bench.target_ratios(None, res)}["sentences/s: tta fp32 ÷ sentence-transformers ONNX"]
-    assert 0.5 <= row["value"] <= 2.0
+    assert row["value"] == pytest.approx(bench.ratio(res["tta-fp32"]["sentences_s"]["samples"],
+                                                     res["st-onnx"]["sentences_s"]["samples"]))
 
 
 # -- optional engines -------------------------------------------------------------------------------------
@@ -159,7 +158,10 @@ def test_quick_run_writes_markdown_json_and_plots(artifacts, tiny_configs, tmp_p
     assert lm["engines"]["tta-fp32"]["decode_tok_s"]["median"] > 0
     assert lm["engines"]["tta-fp32"]["fidelity"]["top1_agreement"] > 0.9
     assert set(lm["context"]["tta-fp32"]) == {"16", "32"}
-    assert "streams" in lm["concurrency"] or "skipped" in lm["concurrency"]
+    streams = lm["concurrency"]["streams"]  # measured through the manager, not skipped
+    assert set(streams) == {"1", "2"}
+    assert [streams[n]["completion_tokens"] for n in ("1", "2")] == [6, 12]
+    assert all(streams[n]["aggregate_tok_s"] > 0 for n in ("1", "2"))
     assert data["models"]["tiny-bert"]["engines"]["tta-fp32"]["min_cosine"] > 0.9999
     engines_skipped = {s["engine"] for s in data["skipped"]}
     assert "tta-int4" in engines_skipped  # not exported here: a skip line, not an error

@@ -103,7 +103,7 @@ def test_explicit_cuda_never_falls_back_to_cpu_when_opening(artifacts, tiny_conf
         open_torch_lm(cfg, device="cuda")
     emb = tiny_configs["tiny-bert"]
     with pytest.raises(BackendUnavailableError):
-        open_encoder(emb, artifacts_root=artifacts.root / "auto", device="cuda", export_if_missing=False,
+        open_encoder(emb, artifacts_root=artifacts.root / "auto", device="cuda",
                      backend="torch")
 
 

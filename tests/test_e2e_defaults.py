@@ -133,3 +133,32 @@ def test_serve_answers_the_openai_client_like_the_manager_and_stops_on_sigterm(r
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert code == 0
+
+
+def test_structured_character_and_tool_calls_are_always_valid_on_int4(real):
+    """The game's Character model (lists, nested objects) and a tool call over 4 tools, constrained on
+    the 135M default: every output validates."""
+    from game_models import TOOLS, Character, character_prompts, tool_prompts
+    from tta_engine.manager import TransformersModelManager
+    from tta_engine.structured import parse_tool_call, tool_call_format
+
+    root, cfgs, _ = real
+    m = TransformersModelManager(cfgs, artifacts_root=root)
+
+    async def main():
+        chars = await asyncio.gather(*[
+            m.generate_structured(p, LM, Character, max_tokens=900, temperature=0.7, top_p=0.95, seed=i)
+            for i, p in enumerate(character_prompts(3))])
+        calls = await asyncio.gather(*[
+            m.generate(p, LM, response_format=tool_call_format(TOOLS), max_tokens=200, temperature=0.7, seed=i)
+            for i, p in enumerate(tool_prompts(3))])
+        return chars, calls
+
+    try:
+        chars, calls = asyncio.run(main())
+    finally:
+        m.close()
+    assert all(isinstance(c, Character) for c in chars)
+    assert len({c.name for c in chars}) > 1  # seeded samples, not one canned answer
+    parsed = [parse_tool_call(text, TOOLS) for text in calls]
+    assert all(p.name in TOOLS and isinstance(p.parsed, TOOLS[p.name]) for p in parsed)

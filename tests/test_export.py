@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -163,31 +162,45 @@ def test_failed_export_leaves_old_artifact(artifacts, tiny_configs, tmp_path, mo
         pipeline.export_model(cfg, pipeline.ExportOptions(out_root=root), quiet=True)
     again = load_artifact(root / cfg.name / "fp32")
     assert {k: v["sha256"] for k, v in again.manifest["files"].items()} == before
-    leftovers = [p.name for p in (root / cfg.name).iterdir() if p.name.startswith(".")]
-    assert not [n for n in leftovers if "tmp" in n or "work" in n], leftovers
+    # nothing staged is left: the only hidden entries are the published version and the export lock
+    hidden = sorted(p.name for p in (root / cfg.name).iterdir() if p.name.startswith("."))
+    assert hidden == sorted([os.readlink(root / cfg.name / "fp32"), ".export.lock"]), hidden
 
 
-def test_export_killed_midway_leaves_old_artifact_loadable(tiny_dirs, tmp_path):
-    """SIGKILL a real `tta-engine export` subprocess while it works; the old artifact still verifies."""
+def test_export_killed_midway_leaves_old_artifact_loadable(tiny_configs, tiny_dirs, tmp_path):
+    """SIGKILL a real `tta-engine export` subprocess at a random stage: the published artifact (link
+    target and files) is unchanged, and the next export leaves no staged or work directory behind."""
+    import random
+
+    from tta_engine.export.pipeline import ExportOptions, export_model
+
     root = tmp_path / "arts"
     cfg_file = tmp_path / "models.toml"
     cfg_file.write_text(
-        f'[models.tiny]\nmodel_type = "causal_lm"\ncontext_length = 256\n'
+        f'[models.tiny-phi3]\nmodel_type = "causal_lm"\ncontext_length = 256\n'
         f'source = {{ kind = "local", path = "{tiny_dirs["phi3"]}" }}\n'
     )
-    cli = [sys.executable, "-m", "tta_engine.cli", "export", "tiny", "--config", str(cfg_file), "--out", str(root)]
-    subprocess.run(cli, check=True, capture_output=True)
-    before = json.loads((root / "tiny" / "fp32" / "manifest.json").read_text())["files"]
+    export_model(tiny_configs["tiny-phi3"], ExportOptions(out_root=root, precision="int8"), quiet=True)
+    link = root / "tiny-phi3" / "int8"
+    target, before = os.readlink(link), json.loads((link / "manifest.json").read_text())["files"]
+    stage = random.Random().randint(1, 5)  # load, export, optimize, quantize, validate
+    cli = [sys.executable, "-m", "tta_engine.cli", "export", "tiny-phi3", "--config", str(cfg_file),
+           "--out", str(root), "--precision", "int8"]
     proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # wait until it is past loading (the work directory exists), then kill it hard
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".work-") for p in (root / "tiny").iterdir()):
-        time.sleep(0.05)
-    time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    art = load_artifact(root / "tiny" / "fp32")
+    seen = []
+    for line in proc.stderr:  # stage lines: "[k/6] tiny-phi3 (int8): ..."
+        seen.append(line)
+        if line.startswith(f"[{stage}/6]"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == -signal.SIGKILL, (stage, seen)  # killed, not finished
+    assert os.readlink(link) == target
+    art = load_artifact(link)
     assert art.manifest["files"] == before
+    export_model(tiny_configs["tiny-phi3"], ExportOptions(out_root=root, precision="int8"), quiet=True)
+    hidden = sorted(p.name for p in (root / "tiny-phi3").iterdir() if p.name.startswith("."))
+    assert hidden == sorted([os.readlink(link), ".export.lock"]), (stage, hidden)
 
 
 def test_cli_export_prints_validation(tiny_dirs, tmp_path):

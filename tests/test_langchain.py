@@ -4,6 +4,7 @@ callbacks, batching through the scheduler, stop sequences, usage metadata."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import numpy as np
 import pytest
@@ -215,3 +216,90 @@ def test_embeddings_equal_the_engine_encoder(manager):
     np.testing.assert_allclose(emb.embed_query("a storm at sea"), ref[1], rtol=1e-6)
     assert asyncio.run(emb.aembed_documents(texts)) == docs
     assert emb.embed_documents([]) == []
+
+
+# -- tools and structured output (constrained decoding: valid even from a random model) ---------------
+from pydantic import BaseModel, Field  # noqa: E402
+
+# constrained decoding (response_format) comes with engine/structured.py (branch structured)
+needs_structured = pytest.mark.skipif(importlib.util.find_spec("tta_engine.structured") is None,
+                                      reason="tta_engine.structured (constrained decoding) is not installed")
+
+
+class Move(BaseModel):
+    """Move the player."""
+
+    direction: str = Field(json_schema_extra={"enum": ["north", "south"]})
+    steps: int
+
+
+def look(target: str) -> str:
+    """Look at something."""
+    return target
+
+
+GO = [HumanMessage("Go.")]  # short: the tiny model's context is 256 tokens
+
+
+@needs_structured
+def test_bind_tools_returns_langchain_tool_calls_that_validate():
+    model = chat(max_tokens=120).bind_tools([Move, look], tool_choice="any")
+    msg = model.invoke(GO)
+    assert len(msg.tool_calls) == 1 and msg.response_metadata["finish_reason"] == "tool_calls"
+    call = msg.tool_calls[0]
+    assert call["type"] == "tool_call" and call["id"]
+    if call["name"] == "Move":
+        Move.model_validate(call["args"])
+    else:
+        assert call["name"] == "look" and isinstance(call["args"]["target"], str)
+    forced = chat(max_tokens=120).bind_tools([Move, look], tool_choice="Move").invoke(GO)
+    assert forced.tool_calls[0]["name"] == "Move" and Move.model_validate(forced.tool_calls[0]["args"])
+    # streamed: the call arrives as tool_call_chunks that aggregate to the same call
+    chunks = list(chat(max_tokens=120).bind_tools([Move, look], tool_choice="Move").stream(GO))
+    total = sum(chunks[1:], chunks[0])
+    assert [(c["name"], c["args"]) for c in total.tool_calls] == [("Move", forced.tool_calls[0]["args"])]
+    with pytest.raises(Exception, match="names no bound tool"):
+        chat().bind_tools([Move], tool_choice="fly")
+
+
+@needs_structured
+def test_tool_choice_auto_allows_text_or_one_valid_call():
+    msg = chat(max_tokens=120).bind_tools([Move], tool_choice="auto").invoke(GO)
+    assert isinstance(msg, AIMessage)
+    for call in msg.tool_calls:
+        Move.model_validate(call["args"])
+    assert "<tool>" not in msg.content
+
+
+def test_tool_results_go_back_to_the_model_as_text():
+    from langchain_core.messages import ToolMessage
+
+    call = {"name": "look", "args": {"target": "door"}, "id": "call_1", "type": "tool_call"}
+    msgs = [HumanMessage("Look at the door."), AIMessage("", tool_calls=[call]),
+            ToolMessage("An old oak door.", tool_call_id="call_1", name="look")]
+    rendered = to_engine_messages(msgs)
+    assert rendered[1] == {"role": "assistant", "content": '<tool>look</tool><parameters>{"target": "door"}</parameters>'}
+    assert rendered[2] == {"role": "user", "content": "[result of look] An old oak door."}
+    assert isinstance(chat().invoke(msgs), AIMessage)
+
+
+@needs_structured
+def test_with_structured_output_is_always_valid():
+    out = chat(max_tokens=120).with_structured_output(Move).invoke(MSGS)
+    assert isinstance(out, Move) and out.direction in ("north", "south")
+    as_dict = chat(max_tokens=120).with_structured_output(Move.model_json_schema()).invoke(MSGS)
+    Move.model_validate(as_dict)
+    raw = chat(max_tokens=120).with_structured_output(Move, include_raw=True).invoke(MSGS)
+    assert raw["parsing_error"] is None and isinstance(raw["parsed"], Move) and isinstance(raw["raw"], AIMessage)
+    via_tools = chat(max_tokens=120).with_structured_output(Move, method="function_calling").invoke(MSGS)
+    assert isinstance(via_tools, Move)
+    obj = chat(max_tokens=120).with_structured_output(None, method="json_mode").invoke(MSGS)
+    assert isinstance(obj, dict)
+
+
+@needs_structured
+def test_structured_output_that_runs_out_of_tokens_raises_structured_error():
+    from tta_engine.errors import StructuredOutputError
+
+    with pytest.raises(StructuredOutputError):
+        chat(max_tokens=2).with_structured_output(Move).invoke(MSGS)

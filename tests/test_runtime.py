@@ -198,12 +198,28 @@ def test_emoji_and_cjk_reply_streams_intact():
 
 
 def test_min_new_tokens_ignores_eos_until_reached():
+    """EOS always wins the logits here and a different token comes second each step: with min_new_tokens=4
+    the first 4 tokens are those runners-up (EOS masked out), then EOS ends the reply."""
     tok = tiny_tokenizer()
-    script = [tok.convert_tokens_to_ids("<|im_end|>")] * 5
-    lm = LanguageModel("eos", _ScriptedBackend(script, len(tok)), tok, [2], SamplingParams(), kind="onnx")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    second = tok.encode(" river calm lake")
+
+    class EosFirst(_ScriptedBackend):
+        def forward(self, cache, ids):
+            logits = np.zeros((1, self.vocab), dtype=np.float32)
+            logits[0, eos] = 10.0
+            logits[0, second[min(self.pos, len(second) - 1)]] = 5.0
+            self.pos += 1
+            return logits
+
+    lm = LanguageModel("eos", EosFirst([eos], len(tok)), tok, [eos], SamplingParams(), kind="onnx")
     assert lm.generate("x", temperature=0, max_new_tokens=10)["usage"]["completion_tokens"] == 0
     out = lm.generate("x", temperature=0, max_new_tokens=10, min_new_tokens=4)
-    assert out["usage"]["completion_tokens"] == 4 and out["finish_reason"] == "stop"
+    want = [second[min(i, len(second) - 1)] for i in range(4)]
+    assert out["token_ids"] == want and eos not in out["token_ids"]
+    assert out["text"] == tok.decode(want) and out["finish_reason"] == "stop"
+    sampled = lm.generate("x", temperature=1.0, seed=3, max_new_tokens=10, min_new_tokens=6)
+    assert len(sampled["token_ids"]) >= 6 and eos not in sampled["token_ids"][:6]
     lm.close()
 
 

@@ -3,6 +3,8 @@ from the engine encoder, prototype textcat, batching of nlp.pipe."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,56 @@ def test_empty_docs_pass_through(manager):
     nlp.add_pipe("tta_textcat", config={"model": EMB, "labels": ["a", "b"]})
     doc = nlp("")
     assert doc.cats == {} and len(doc) == 0
+
+
+# -- LLM components (constrained decoding; a random model still gives valid output) -------------------
+LM = "tiny-llama"
+needs_structured = pytest.mark.skipif(importlib.util.find_spec("tta_engine.structured") is None,
+                                      reason="tta_engine.structured (constrained decoding) is not installed")
+
+
+@pytest.fixture(scope="module")
+def lm_manager(manager, artifacts):
+    artifacts.get(LM, "fp32")
+    return manager
+
+
+@needs_structured
+def test_entities_are_char_aligned_spans_of_the_text_and_keep_existing_ents(lm_manager):
+    from spacy.tokens import Span
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tta_entities", config={"model": LM, "labels": ["PLACE", "THING"], "max_tokens": 60})
+    text = "The lantern flickers in the quiet forest by the river."
+    doc = nlp.make_doc(text)
+    doc.ents = [Span(doc, 1, 2, label="OBJ")]  # "lantern", set by an earlier component
+    doc = nlp.get_pipe("tta_entities")(doc)
+    assert any(e.label_ == "OBJ" and e.text == "lantern" for e in doc.ents)
+    for e in doc.ents:
+        assert text[e.start_char:e.end_char] == e.text
+        assert e.label_ in ("OBJ", "PLACE", "THING")
+    found = nlp.get_pipe("tta_entities").spans(doc, [{"text": "quiet forest", "label": "PLACE"},
+                                                     {"text": "not in the text", "label": "PLACE"}])
+    assert [(s.text, s.label_, s.start_char) for s in found] == [("quiet forest", "PLACE", text.index("quiet"))]
+    keyed = spacy.blank("en")
+    keyed.add_pipe("tta_entities", config={"model": LM, "labels": ["PLACE"], "spans_key": "sc", "max_tokens": 60})
+    d2 = keyed(text)
+    assert d2.ents == () and all(text[s.start_char:s.end_char] == s.text for s in d2.spans["sc"])
+
+
+@needs_structured
+def test_llm_textcat_batches_concurrent_requests(lm_manager):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tta_textcat", config={"mode": "llm", "llm_model": LM, "labels": ["forest", "river"],
+                                        "batch_size": 64})
+    texts = [f"Sentence {i} about the lantern." for i in range(64)]
+    stats = lm_manager.stats
+    b = stats().get(LM, {})
+    steps0, tokens0 = b.get("scheduler_steps", 0), b.get("completion_tokens", 0)
+    docs = list(nlp.pipe(texts))
+    s = stats()[LM]
+    for d in docs:
+        assert sorted(d.cats.values()) == [0.0, 1.0] and set(d.cats) == {"forest", "river"}
+    # 64 requests of >= 1 token each: one at a time they need at least their token count in steps; here
+    # rows share steps, so far fewer steps than tokens were decoded
+    assert s["scheduler_steps"] - steps0 < (s["completion_tokens"] - tokens0) / 4, s

@@ -121,15 +121,10 @@ def _tool_schemas(tools: Sequence[dict]) -> dict[str, dict]:
 
 
 def _tools_prompt(tools: Sequence[dict]) -> str:
-    import json
-
-    lines = ["You can call one of these tools:"]
-    for t in tools:
-        f = t["function"]
-        lines.append(f"- {f['name']}: {f.get('description', '')} parameters: "
-                     f"{json.dumps(f.get('parameters', {}), ensure_ascii=False)}")
-    lines.append("To call a tool reply <tool>NAME</tool><parameters>{JSON arguments}</parameters>.")
-    return "\n".join(lines)
+    """A short hint naming the tools (the grammar enforces names and parameters, so no schemas here)."""
+    listed = "; ".join(f"{t['function']['name']}({', '.join((t['function'].get('parameters') or {}).get('properties', {}))})"
+                       f": {t['function'].get('description', '').rstrip('.')}".strip() for t in tools)
+    return f"Tools: {listed}. Call one as <tool>NAME</tool><parameters>{{JSON}}</parameters>."
 
 
 def _with_system_hint(messages: list[dict[str, str]], hint: str) -> list[dict[str, str]]:
@@ -228,14 +223,21 @@ class ChatTTAEngine(BaseChatModel):
                 from ..structured import tool_call_format
 
                 parse_tools = _tool_schemas(chosen)
-                call["response_format"] = tool_call_format(parse_tools, text_first=not required)
+                call["response_format"] = fmt = tool_call_format(parse_tools, text_first=not required)
+                if not required:  # "auto": free text, optionally followed by one call
+                    fmt["lark"] = fmt["lark"].replace("start: TEXT call\n", "start: TEXT call?\n", 1)
                 msgs = _with_system_hint(msgs, _tools_prompt(chosen))
         elif response_format is not None:
             call["response_format"] = response_format
         return name, msgs, call, parse_tools
 
     def _message(self, text: str, parse_tools: dict | None, usage: dict, finish: str, name: str,
-                 chunk: bool = False):
+                 chunk: bool = False, constrained: bool = False):
+        if constrained and finish == "length" and (parse_tools is None or "<tool>" in text):
+            from ..errors import StructuredOutputError
+
+            raise StructuredOutputError("the output hit max_tokens before the grammar was complete; raise "
+                                        "max_tokens", raw_text=text)
         meta = {"model_name": name, "model_provider": "tta_engine", "finish_reason": finish}
         usage_md = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
                     "total_tokens": usage["total_tokens"]}
@@ -267,7 +269,8 @@ class ChatTTAEngine(BaseChatModel):
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         name, msgs, call, parse_tools = self._request(messages, stop, kwargs)
         c = await self._bounded(self._manager.complete(msgs, name, **call))
-        msg = self._message(c["text"], parse_tools, c["usage"], c["finish_reason"], name)
+        msg = self._message(c["text"], parse_tools, c["usage"], c["finish_reason"], name,
+                            constrained="response_format" in call)
         return ChatResult(generations=[ChatGeneration(message=msg)])
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -295,7 +298,8 @@ class ChatTTAEngine(BaseChatModel):
         finally:
             await stream.aclose()
         c = state.completion()
-        last = self._message("".join(held), parse_tools, c["usage"], c["finish_reason"], name, chunk=True)
+        last = self._message("".join(held), parse_tools, c["usage"], c["finish_reason"], name, chunk=True,
+                             constrained="response_format" in call)
         yield ChatGenerationChunk(message=last)
 
     # LangChain's stream()/invoke() call on_llm_new_token for every chunk these yield
@@ -352,8 +356,8 @@ class ChatTTAEngine(BaseChatModel):
                 js = convert_to_json_schema(schema)
                 response_format = {"type": "json_schema", "json_schema": {
                     "name": js.get("title", "output"), "schema": js, "strict": strict is not False}}
-            llm = self.bind(response_format=response_format,
-                            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
+            trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}} if schema else {}
+            llm = self.bind(response_format=response_format, **trace)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"method {method!r} is not supported; use 'json_schema', 'function_calling' "

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TTAEngineError
+from .classify import DEFAULT_CHOICE_INSTRUCTION, PrototypeClassifier, choose_labels
 from .common import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, default_manager, require, run_sync
 
 require("spacy", "spacy")
@@ -34,21 +35,7 @@ from spacy.language import Language  # noqa: E402
 from spacy.tokens import Doc, Span  # noqa: E402
 from spacy.util import filter_spans  # noqa: E402
 
-__all__ = ["EngineEmbeddings", "EngineEntities", "EngineTextCategorizer", "EMOTION_PROTOTYPES"]
-
-# Zero-shot prototypes of the game's emotion labels: each label's vector is the mean of its phrases'.
-EMOTION_PROTOTYPES: dict[str, list[str]] = {
-    "anxiety": ["I feel anxious and nervous.", "I'm worried about what will happen.",
-                "My stomach is in knots before the big day."],
-    "sadness": ["I feel sad and down.", "I miss them so much it hurts.", "Everything feels empty and grey."],
-    "anger": ["I am so angry right now.", "This is unfair and it makes me furious.",
-              "I want to shout at them."],
-    "joy": ["I feel happy and excited!", "This is wonderful, I love it.", "What a great day, I'm delighted."],
-    "fear": ["I'm scared something terrible is coming.", "I am terrified of the dark.",
-             "Something is chasing me and I'm frightened."],
-    "calm": ["I feel calm and relaxed.", "Everything is peaceful and quiet.", "I'm at ease and content."],
-}
-
+__all__ = ["EngineEmbeddings", "EngineEntities", "EngineTextCategorizer"]
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(items)
@@ -121,61 +108,31 @@ class EngineEmbeddings:
 
 
 class EngineTextCategorizer:
-    """``doc.cats`` over ``labels``: cosine to label prototypes turned into a softmax (``mode="prototype"``)
-    or the LLM's constrained choice (1.0 for the chosen label, ``mode="llm"``)."""
+    """``doc.cats`` over ``labels``: a softmax of cosine to label prototypes (``mode="prototype"``) or the
+    LLM's constrained choice (1.0 for the chosen label, ``mode="llm"``)."""
 
     def __init__(self, nlp: Language, name: str, labels: Sequence[str], mode: str, model: str, llm_model: str,
                  prototypes: dict[str, list[str]] | None, scale: float, batch_size: int, instruction: str,
                  manager: Any = None):
         if mode not in ("prototype", "llm"):
             raise TTAEngineError(f"tta_textcat mode {mode!r} is not supported; use 'prototype' or 'llm'")
-        labels = list(labels or (prototypes or EMOTION_PROTOTYPES))
-        if not labels:
-            raise TTAEngineError("tta_textcat needs at least one label: set labels or prototypes in its config")
-        self.name, self.labels, self.mode, self.model, self.llm_model = name, labels, mode, model, llm_model
-        self.prototypes = dict(prototypes) if prototypes else {}
-        self.scale, self.batch_size, self.instruction, self.manager = scale, batch_size, instruction, manager
-        self._centroids: np.ndarray | None = None
-
-    def label_phrases(self, label: str) -> list[str]:
-        """A label's prototype phrases: configured ones, the built-in emotion ones, or the label itself."""
-        return list(self.prototypes.get(label) or EMOTION_PROTOTYPES.get(label) or [label])
-
-    def centroids(self) -> np.ndarray:
-        if self._centroids is None:
-            rows = []
-            for label in self.labels:
-                c = _manager(self).embed(self.label_phrases(label), self.model).mean(axis=0)
-                rows.append(c / (np.linalg.norm(c) or 1.0))
-            self._centroids = np.stack(rows)
-        return self._centroids
+        self.name, self.mode, self.model, self.llm_model = name, mode, model, llm_model
+        self.batch_size, self.instruction, self.manager = batch_size, instruction, manager
+        self._protos = PrototypeClassifier(None, model, labels, prototypes, scale)
+        self.labels = self._protos.labels
 
     def scores(self, texts: list[str]) -> list[dict[str, float]]:
         if self.mode == "prototype":
-            sims = _manager(self).embed(texts, self.model) @ self.centroids().T
-            z = np.exp(self.scale * (sims - sims.max(axis=1, keepdims=True)))
-            probs = z / z.sum(axis=1, keepdims=True)
-            return [dict(zip(self.labels, map(float, p), strict=True)) for p in probs]
-        chosen = run_sync(self._choose(texts))
+            self._protos.manager = _manager(self)
+            return self._protos.scores(texts)
+        chosen = run_sync(choose_labels(_manager(self), self.llm_model, texts, self.labels, self.instruction))
         return [{lab: float(lab == c) for lab in self.labels} for c in chosen]
-
-    async def _choose(self, texts: list[str]) -> list[str]:
-        m = _manager(self)
-        fmt = {"type": "choice", "choices": self.labels}
-
-        async def one(text: str) -> str:
-            msgs = [{"role": "system", "content": self.instruction.format(labels=", ".join(self.labels))},
-                    {"role": "user", "content": text}]
-            out = await m.generate(msgs, self.llm_model, response_format=fmt, temperature=0,
-                                   max_tokens=16)
-            return out.strip()
-
-        return list(await asyncio.gather(*(one(t) for t in texts)))
 
     def __call__(self, doc: Doc) -> Doc:
         return next(self.pipe([doc]))
 
     def pipe(self, stream: Iterable[Doc], batch_size: int | None = None) -> Iterator[Doc]:
+        """One embed call (prototype mode) or one set of concurrent LLM requests (llm mode) per batch."""
         for batch in _batches(stream, _batch_size(self, batch_size)):
             nonempty = [d for d in batch if d.text.strip()]
             for doc, cats in zip(nonempty, self.scores([d.text for d in nonempty]) if nonempty else [],
@@ -273,8 +230,7 @@ def make_embeddings(nlp: Language, name: str, model: str, batch_size: int) -> En
 
 @Language.factory("tta_textcat", assigns=["doc.cats"], default_config={
     "labels": [], "mode": "prototype", "model": DEFAULT_EMBEDDING_MODEL, "llm_model": DEFAULT_CHAT_MODEL,
-    "prototypes": None, "scale": 20.0, "batch_size": 256,
-    "instruction": "Classify the emotion of the user's message. Answer with one of: {labels}."})
+    "prototypes": None, "scale": 20.0, "batch_size": 256, "instruction": DEFAULT_CHOICE_INSTRUCTION})
 def make_textcat(nlp: Language, name: str, labels: list[str], mode: str, model: str, llm_model: str,
                  prototypes: dict[str, list[str]] | None, scale: float, batch_size: int,
                  instruction: str) -> EngineTextCategorizer:
