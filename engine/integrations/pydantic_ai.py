@@ -34,8 +34,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..errors import (ContextLengthError, OverloadedError, StructuredOutputError, TTAEngineError,
-                      UnknownModelError)
+from ..errors import (
+    ContextLengthError,
+    OverloadedError,
+    StructuredOutputError,
+    TTAEngineError,
+    UnknownModelError,
+)
 from ..generator import GenerationState
 from .common import default_manager, require
 
@@ -43,14 +48,34 @@ require("pydantic_ai", "pydantic-ai")
 
 from pydantic_ai import _utils  # noqa: E402
 from pydantic_ai.capabilities import AbstractCapability  # noqa: E402
-from pydantic_ai.exceptions import (ModelAPIError, ModelContextWindowExceededError, ModelNotFoundError,  # noqa: E402
-                                    ModelOverloadedError, UnexpectedModelBehavior, UserError)
-from pydantic_ai.messages import (ModelMessage, ModelRequest, ModelResponse, ModelResponsePart,  # noqa: E402
-                                  ModelResponseStreamEvent, SystemPromptPart, TextContent, TextPart,
-                                  ToolCallPart, ToolReturnPart, UserPromptPart)
-from pydantic_ai.models import (Model, ModelRequestParameters, StreamedResponse,  # noqa: E402
-                                check_allow_model_requests)
-from pydantic_ai.models import _sendable_request_parts  # noqa: E402  (the request parts an adapter maps)
+from pydantic_ai.exceptions import (  # noqa: E402
+    ModelAPIError,
+    ModelContextWindowExceededError,
+    ModelNotFoundError,
+    ModelOverloadedError,
+    UnexpectedModelBehavior,
+    UserError,
+)
+from pydantic_ai.messages import (  # noqa: E402
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    ModelResponsePart,
+    ModelResponseStreamEvent,
+    SystemPromptPart,
+    TextContent,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
+from pydantic_ai.models import (  # noqa: E402
+    Model,
+    ModelRequestParameters,
+    StreamedResponse,
+    _sendable_request_parts,  # noqa: E402  (the request parts an adapter maps)
+    check_allow_model_requests,
+)
 from pydantic_ai.models._tool_choice import resolve_tool_choice  # noqa: E402
 from pydantic_ai.profiles import ModelProfile  # noqa: E402
 from pydantic_ai.settings import ModelSettings  # noqa: E402
