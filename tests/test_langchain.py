@@ -293,7 +293,7 @@ def test_with_structured_output_is_always_valid():
     Move.model_validate(as_dict)
     raw = chat(max_tokens=120).with_structured_output(Move, include_raw=True).invoke(MSGS)
     assert raw["parsing_error"] is None and isinstance(raw["parsed"], Move) and isinstance(raw["raw"], AIMessage)
-    via_tools = chat(max_tokens=120).with_structured_output(Move, method="function_calling").invoke(MSGS)
+    via_tools = chat(max_tokens=100).with_structured_output(Move, method="function_calling").invoke(GO)
     assert isinstance(via_tools, Move)
     json_mode = chat().with_structured_output(None, method="json_mode")
     assert json_mode.first.kwargs["response_format"] == {"type": "json_object"}
