@@ -152,6 +152,8 @@ class BatchScheduler:
             if self.closed:
                 raise ModelUnloadedError(f"model {self.lm.name!r} is being unloaded; retry the request")
             if len(self.pending) >= self.max_queue:
+                self._drop_cancelled_pending()
+            if len(self.pending) >= self.max_queue:
                 raise OverloadedError(
                     f"model {self.lm.name!r} has {len(self.pending)} requests waiting (queue limit "
                     f"{self.max_queue}); retry later or raise max_queue"
@@ -159,6 +161,17 @@ class BatchScheduler:
             self.pending.append(req)
             self.cond.notify()
         return req
+
+    def _drop_cancelled_pending(self) -> None:
+        """Free the queue slots of requests cancelled while waiting (called with ``cond`` held): a
+        client that gave up must not keep a slot until the loop reaches it."""
+        dropped = [r for r in self.pending if r.cancelled.is_set()]
+        if not dropped:
+            return
+        self.pending = collections.deque(r for r in self.pending if not r.cancelled.is_set())
+        for req in dropped:
+            req.state.finish_reason = "cancelled"
+            req.emit(END)
 
     def settled(self) -> bool:
         """Nothing queued or decoding, and every resident row's reply recomputed for exact reuse (the
