@@ -158,6 +158,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per stream (throughput)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--overhead-reps", type=int, default=40)
+    ap.add_argument("--ttft-requests", type=int, default=64, help="requests per client count (at least one round)")
     ap.add_argument("--llama-python", default=os.environ.get("LLAMA_CPP_PYTHON"),
                     help="a python with llama-cpp-python[server] installed (default: this one)")
     ap.add_argument("--json", type=Path, default=None)
@@ -192,7 +193,7 @@ def main() -> int:
         print("\n2. time to first token, streams of 32 tokens (ms)")
         out["ttft"] = {}
         for clients in (1, 8, 32):
-            reps = max(1, 64 // clients)
+            reps = max(1, args.ttft_requests // clients)
             ht, lt = [], []
             for _ in range(reps):
                 ht += asyncio.run(http_round(url, cfg.name, clients, 32))[1]

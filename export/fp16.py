@@ -2,8 +2,8 @@
 
 Uses ONNX Runtime's own converter (``onnxruntime.transformers.float16``, shipped with onnxruntime): every
 float initializer and float tensor becomes float16 -- the KV cache inputs/outputs included, so a
-decoder's cache is half the bytes -- except the ``logits`` output, which stays float32 (a Cast at the
-end) for sampling on the host. Ops in the converter's default block list stay float32 behind Casts.
+decoder's cache is half the bytes -- except the other outputs (logits, an encoder's hidden states), which
+stay float32 (a Cast at the end) for sampling and pooling on the host. Ops in the converter's default block list stay float32 behind Casts.
 
 The artifact must also run on the CPU (where the export validates it): when ONNX Runtime's CPU provider
 has no float16 kernel for an op, the session fails to build; that op type is added to the block list
@@ -40,15 +40,17 @@ def convert_fp16(src: Path, dst: Path) -> dict:
         raise RuntimeError(f"fp16 conversion kept {blocked} in fp32 and still does not run on the CPU")
     inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     kv = [t for n, t in inputs.items() if n.startswith("past_key_values.")]
-    return {"method": "fp16 (onnxruntime.transformers.float16)", "bits": 16,
-            "kv_cache": "fp16" if kv and kv[0] == onnx.TensorProto.FLOAT16 else "fp32",
-            "logits": "fp32", "fp32_ops_for_cpu": blocked}
+    record = {"method": "fp16 (onnxruntime.transformers.float16)", "bits": 16, "outputs": "fp32",
+              "fp32_ops_for_cpu": blocked}
+    if kv:
+        record["kv_cache"] = "fp16" if kv[0] == onnx.TensorProto.FLOAT16 else "fp32"
+    return record
 
 
 def _convert(model, op_block_list: list[str]):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    keep = [o.name for o in model.graph.output if o.name == "logits"]
+    keep = [o.name for o in model.graph.output if not o.name.startswith("present.")]  # logits, hidden states
     return convert_float_to_float16(model, keep_io_types=keep, op_block_list=op_block_list,
                                     disable_shape_infer=True)
 

@@ -17,7 +17,7 @@ def test_fp16_artifact_validates_on_cpu_and_agrees_with_fp32(artifacts, arch):
     fp16 = artifacts.get(f"tiny-{arch}", "fp16")
     fp32 = artifacts.get(f"tiny-{arch}", "fp32")
     m = fp16.manifest
-    assert m["precision"] == "fp16" and m["quantization"]["bits"] == 16
+    assert m["precision"] == "fp16" and m["quantization"]["bits"] == 16 and m["quantization"]["kv_cache"] == "fp16"
     assert m["validation"]["fp16"]["top1_agreement"] >= 0.97  # against PyTorch fp32, at export
     meta = m["decoder"]
     dec16 = OrtDecoder(fp16.file("model.onnx"), meta, device="cpu")
@@ -55,3 +55,16 @@ def test_fp16_is_a_precision_of_config_and_cli():
     assert model_config_from_dict("m", raw).precision == "fp16"
     args = build_parser().parse_args(["export", "m", "--precision", "fp16"])
     assert args.precision == ["fp16"]
+
+
+def test_fp16_encoder_artifact_matches_fp32(artifacts):
+    from tta_engine.embeddings import OrtEncoder
+
+    fp16, fp32 = artifacts.get("tiny-bert", "fp16"), artifacts.get("tiny-bert", "fp32")
+    assert fp16.manifest["validation"]["fp16"]["min_cosine"] >= 0.999  # against sentence-transformers
+    assert "kv_cache" not in fp16.manifest["quantization"]
+    texts = ["a calm lake at night", "I feel anxious", "dragons"]
+    a, b = OrtEncoder(fp16.path, device="cpu").encode(texts), OrtEncoder(fp32.path, device="cpu").encode(texts)
+    assert a.dtype == np.float32
+    cos = (a * b).sum(1)
+    assert cos.min() >= 0.999 and not np.array_equal(a, b)

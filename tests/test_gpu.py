@@ -54,6 +54,8 @@ def test_auto_takes_the_gpu_for_torch():
 def test_ort_cuda_fp32_equals_cpu_fp32_for_32_greedy_tokens(artifacts, arch, graph):
     from tta_engine.ort_decoder import OrtDecoder
 
+    if graph == "optimum":
+        pytest.importorskip("optimum.exporters.onnx", reason="the unfused graph is exported with Optimum")
     art = artifacts.get(f"tiny-{arch}", "fp32", graph)
     meta = art.manifest["decoder"]
     cpu = OrtDecoder(art.file("model.onnx"), meta, device="cpu")
@@ -86,7 +88,17 @@ def test_ort_cuda_fp16_top1_agrees_with_cpu_fp32(artifacts, arch):
 
 
 @needs_ort
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ort_cuda_graph_needs_an_fp16_artifact(artifacts):
+    from tta_engine.errors import ConfigError
+    from tta_engine.ort_decoder import OrtDecoder
+
+    art = artifacts.get("tiny-llama", "fp32")
+    with pytest.raises(ConfigError, match="--precision fp16"):
+        OrtDecoder(art.file("model.onnx"), art.manifest["decoder"], device="cuda", cuda_graph=True)
+
+
+@needs_ort
+@pytest.mark.parametrize("precision", ["fp16"])
 def test_ort_cuda_graph_decode_equals_uncaptured_decode(artifacts, precision):
     """Decode steps captured and replayed as CUDA graphs give the uncaptured path's tokens, request after
     request (each request's cache gets its own graph, released when the cache closes)."""
@@ -161,6 +173,8 @@ def test_manager_reports_the_gpu(artifacts, tiny_configs):
 def test_ort_cuda_embeddings_equal_cpu(artifacts):
     from tta_engine.embeddings import OrtEncoder
 
+    pytest.importorskip("optimum.exporters.onnx", reason="encoders are exported with Optimum")
+    pytest.importorskip("sentence_transformers", reason="encoder export validates against sentence-transformers")
     art = artifacts.get("tiny-bert", "fp32")
     texts = ["a calm lake", "an anxious night", "dragons and gold", "x"]
     a = OrtEncoder(art.path, device="cuda").encode(texts)

@@ -462,6 +462,9 @@ def test_sigterm_drains_then_stops_streams_with_an_error_event(configs, artifact
             server.handle_exit(signal.SIGTERM, None)  # what uvicorn's SIGTERM handler calls
             await asyncio.sleep(0.3)
             assert manager.loaded_models == [LM]  # still serving the running streams
+            async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:  # but accepts no new connection
+                with pytest.raises(httpx.ConnectError):
+                    await fresh.get("/v1/models")
             return await long, await short
 
     t0 = time.monotonic()

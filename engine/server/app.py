@@ -197,7 +197,7 @@ def create_app(manager, *, api_key: str | None = None, max_body_bytes: int = 4 <
     async def _http(request: Request, exc: StarletteHTTPException):
         return error_body(exc)
 
-    async def generate(kind: str, body, prompt, request: Request) -> Response:
+    async def generate(kind: str, body, prompt) -> Response:
         kwargs = body.sampling_kwargs()
         name = manager.resolve_name(body.model)
         created, state = int(time.time()), GenerationState(0)
@@ -265,9 +265,7 @@ def create_app(manager, *, api_key: str | None = None, max_body_bytes: int = 4 <
                 yield chunk([choice(None, state.finish_reason)])
                 if body.include_usage:
                     yield chunk([], usage=u)
-            except ShuttingDown as exc:
-                yield _sse(json.loads(error_body(exc).body))
-            except Exception as exc:  # noqa: BLE001 - a failure mid-stream becomes the last event
+            except Exception as exc:  # noqa: BLE001 - ShuttingDown or a failure mid-stream: the last event
                 yield _sse(json.loads(error_body(exc).body))
             finally:
                 await handle.close()
@@ -277,12 +275,12 @@ def create_app(manager, *, api_key: str | None = None, max_body_bytes: int = 4 <
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await generate("chat", body, body.chat_messages(), request)
+    async def chat_completions(body: ChatCompletionRequest):
+        return await generate("chat", body, body.chat_messages())
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await generate("completion", body, body.prompt_text(), request)
+    async def completions(body: CompletionRequest):
+        return await generate("completion", body, body.prompt_text())
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
