@@ -183,7 +183,7 @@ class DecoderExport:
         cfg, progress = self.cfg, self.progress
         progress.stage("load", f"loading {cfg.source.describe()} in PyTorch")
         self.resolved = resolve_source(cfg, self.options.cache_dir)
-        hf_tokenizer = load_tokenizer(cfg, self.resolved)
+        self.hf_tokenizer = hf_tokenizer = load_tokenizer(cfg, self.resolved)
         self.tokenizer = Tokenizer.from_transformers(hf_tokenizer)
         self.model = model = load_torch_causal_lm(cfg, self.resolved)
         c = model.config
@@ -304,7 +304,8 @@ class DecoderExport:
         _copy_onnx(path, out / "model.onnx")
         if prefill:
             _copy_onnx(path.parent / "prefill.onnx", out / "prefill.onnx")
-        tokenizer_section = self.tokenizer.save(out)
+        self.hf_tokenizer.save_pretrained(out)  # the directory stays loadable by AutoTokenizer (other tools)
+        tokenizer_section = self.tokenizer.save(out)  # what the runtime reads (named in the manifest)
         self.model.generation_config.save_pretrained(out)
         self.model.config.save_pretrained(out)
         return {
@@ -344,7 +345,8 @@ class EncoderExport:
         progress, stage_dir, st = self.progress, self.stage_dir, self.st
         progress.stage("export", "exporting with Optimum (feature-extraction)")
         self.raw = raw = _optimum_export(self.hf_model, stage_dir, "feature-extraction", self.options.opset)
-        self.tokenizer_section = self.tokenizer.save(stage_dir)
+        self.st.tokenizer.save_pretrained(stage_dir)  # loadable by AutoTokenizer too (other tools)
+        self.tokenizer_section = self.tokenizer.save(stage_dir)  # what the runtime reads
         for f in ST_FILES:
             if (self.resolved.directory / f).is_file():
                 shutil.copy2(self.resolved.directory / f, stage_dir / f)
