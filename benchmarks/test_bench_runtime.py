@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tta_engine.bench import SINGLE_QUERY, bench_messages, embedding_corpus
+from bench import SINGLE_QUERY, bench_messages, embedding_corpus
 
 LM = "smollm2-135m-instruct"
 EMBEDDER = "all-minilm-l6-v2"
@@ -63,7 +63,7 @@ def encoder(request):
 
 @pytest.fixture(scope="module")
 def prompt_ids(lm):
-    from tta_engine.bench import chat_prompt_ids
+    from bench import chat_prompt_ids
 
     return chat_prompt_ids(lm.tokenizer, 270)
 

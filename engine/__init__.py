@@ -5,6 +5,7 @@ from .errors import (
     ArtifactCorruptedError,
     ArtifactError,
     BackendUnavailableError,
+    ChatTemplateError,
     ConfigError,
     ContextLengthError,
     EmptyInputError,
@@ -20,7 +21,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactCorruptedError", "ArtifactError", "BackendUnavailableError", "ConfigError",
+    "ArtifactCorruptedError", "ArtifactError", "BackendUnavailableError", "ChatTemplateError", "ConfigError",
     "ContextLengthError", "EmptyInputError", "ExportError", "ModelConfig", "ModelNotAvailableError",
     "ModelSource", "NoCapableModelError", "OverloadedError", "SamplingParamError", "TTAEngineError",
     "TaskSuitability", "UnknownModelError", "load_model_configs",

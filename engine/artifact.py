@@ -23,7 +23,7 @@ from typing import Any
 from .errors import ArtifactCorruptedError, ArtifactError, ArtifactMissingError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: self-contained (tokenizer.json, chat template, special tokens in the manifest)
 
 
 def default_artifacts_dir() -> Path:

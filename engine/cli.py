@@ -1,4 +1,5 @@
-"""The ``tta-engine`` command line: export, generate, chat, embed, models, verify, demo, bench."""
+"""The ``tta-engine`` command line: export, generate, chat, embed, models, verify, pack, install-artifact,
+demo, bench."""
 
 from __future__ import annotations
 
@@ -178,6 +179,22 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from .pack import pack_artifacts
+
+    out = pack_artifacts(args.artifacts, args.name, args.precision, args.output)
+    print(f"packed {args.name} -> {out} [{out.stat().st_size / 1e6:.1f} MB]")
+    return 0
+
+
+def cmd_install_artifact(args) -> int:
+    from .pack import install_artifacts
+
+    for art in install_artifacts(args.file, args.artifacts):
+        print(f"installed {art.name} ({art.precision}) -> {art.path} [{art.size_bytes / 1e6:.1f} MB, hashes verified]")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The README's main job: export both packaged defaults, stream a narrative reply, compare embeddings."""
     from .embeddings import open_encoder
@@ -327,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None)
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("pack", help="archive exported artifacts (hashes verified) for another machine")
+    _add_common(p)
+    p.add_argument("name")
+    p.add_argument("--precision", action="append", default=None, help="repeatable; default: every exported one")
+    p.add_argument("-o", "--output", type=Path, required=True, help="FILE.tar.gz or FILE.tar.zst")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("install-artifact", help="verify and install an archive made by `pack` (atomic)")
+    _add_common(p)
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_install_artifact)
+
     p = sub.add_parser("demo", help="export the packaged defaults, stream a reply, compare embeddings")
     _add_common(p)
     p.add_argument("--lm", default="smollm2-135m-instruct")
@@ -354,10 +383,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests may finish after SIGTERM before they are stopped")
     p.set_defaults(func=cmd_serve)
 
-    from .bench import add_bench_parser  # stdlib-only at import time
-
-    add_bench_parser(sub)
+    _add_bench(sub)
     return parser
+
+
+def _checkout_benchmarks() -> Path | None:
+    """``benchmarks/`` of the source checkout this package runs from (editable install), if any."""
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    return here if (here / "bench" / "__init__.py").is_file() else None
+
+
+def _add_bench(sub) -> None:
+    """``tta-engine bench``: the harness lives in the checkout's benchmarks/bench, not in the wheel."""
+    benchmarks = _checkout_benchmarks()
+    if benchmarks is not None:
+        if str(benchmarks) not in sys.path:
+            sys.path.insert(0, str(benchmarks))
+        from bench import add_bench_parser  # stdlib-only at import time
+
+        add_bench_parser(sub)
+        return
+
+    def unavailable(args) -> int:
+        raise TTAEngineError("`tta-engine bench` runs from a source checkout (the benchmark harness is not "
+                             "part of the installed package): clone the repository, `make setup`, then "
+                             "`.venv/bin/tta-engine bench` or `make bench`")
+
+    # prefix_chars without "-": every bench option lands in ``rest`` and gets the message below
+    p = sub.add_parser("bench", help="benchmarks (from a source checkout only)", prefix_chars="+", add_help=False)
+    p.add_argument("rest", nargs="*")
+    p.set_defaults(func=unavailable)
 
 
 def main(argv: list[str] | None = None) -> int:

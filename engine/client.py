@@ -26,6 +26,7 @@ from typing import Any
 
 from .config import ModelConfig, coerce_configs
 from .errors import EmptyInputError, SamplingParamError, TTAEngineError
+from .inputs import check_prompt
 from .selection import rank_models_for_task, resolve_fallback_chain
 
 log = logging.getLogger(__name__)
@@ -104,18 +105,8 @@ class GenerationResponse:
 
 def messages_to_prompt(messages: str | Sequence[Any]) -> str | list[dict[str, str]]:
     """A raw string stays a string; ``Message`` objects / dicts / anything with ``role`` and ``content``
-    become ``{"role", "content"}`` dicts for the model's chat template."""
-    if isinstance(messages, str):
-        return messages
-    out = []
-    for m in messages:
-        if isinstance(m, Mapping):
-            out.append({"role": str(m["role"]), "content": str(m["content"])})
-        else:
-            out.append({"role": str(m.role), "content": str(m.content)})
-    if not out:
-        raise EmptyInputError("the message list is empty: pass at least one Message(role, content)")
-    return out
+    become ``{"role", "content"}`` dicts for the model's chat template (engine/inputs.py validates)."""
+    return check_prompt(messages)
 
 
 def _sampling_kwargs(max_tokens, temperature, top_p) -> dict[str, Any]:

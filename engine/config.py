@@ -8,14 +8,11 @@ that says where the weights come from. Every validation error names the file, th
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-
-import tomllib
 
 from .device import parse_device
 from .errors import ConfigError, UnknownModelError
@@ -222,6 +219,8 @@ def model_config_from_dict(name: str, raw: Mapping[str, Any], file: str = "<dict
 
 
 def default_config_path() -> Path:
+    import importlib.resources  # here, not at module level: `import tta_engine` stays fast
+
     return Path(str(importlib.resources.files("tta_engine.configs") / "models.toml"))
 
 
@@ -230,6 +229,8 @@ def load_model_configs(path: str | Path | None = None) -> dict[str, ModelConfig]
     path = Path(path) if path is not None else default_config_path()
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    import tomllib  # here, not at module level: `import tta_engine` stays fast
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

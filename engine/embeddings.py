@@ -71,14 +71,17 @@ class OrtEncoder:
     """An exported encoder artifact directory: model.onnx, tokenizer files, pooling config."""
 
     def __init__(self, path: Path, *, threads: int | None = None, device: str | Device = "auto",
-                 model_file: str = "model.onnx"):
-        from transformers import AutoTokenizer
+                 model_file: str = "model.onnx", tokenizer=None):
+        from .artifact import read_manifest
+        from .tokenizer import Tokenizer
 
-        self.path = path
+        self.path = path = Path(path)
         self.device = resolve_device(device, "onnx")  # ORT copies the token ids in, the hidden states out
-        self.session = create_session(path / model_file, threads=threads, device=self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pooling, self.normalize, self.max_seq_length = read_pooling(path)
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_artifact(path, read_manifest(path).get("tokenizer"))
+        self.tokenizer = tokenizer.truncating(self.max_seq_length)
+        self.session = create_session(path / model_file, threads=threads, device=self.device)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.dimension = int(self.session.get_outputs()[0].shape[-1])
 
@@ -105,7 +108,7 @@ class OrtEncoder:
         """Tokenize everything at once, sort by *token* length (less padding than sorting by characters),
         run batches, pool, restore the input order, normalize."""
         texts = check_texts(texts)
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)
+        enc = self.tokenizer.encode_batch(texts)
         ids = enc["input_ids"]
         extra = {k: v for k, v in enc.items() if k in self.input_names and k not in ("input_ids", "attention_mask")}
         order = np.argsort([-len(x) for x in ids], kind="stable")
@@ -125,6 +128,10 @@ class TorchEncoder:
     """PyTorch fallback: sentence-transformers itself, behind the same signature."""
 
     def __init__(self, model_dir: Path, *, device: str | Device = "auto"):
+        from .extras import require_extra
+
+        require_extra("torch", "the sentence-transformers fallback (no compiled artifact)",
+                      ("torch", "sentence_transformers"))
         from sentence_transformers import SentenceTransformer
 
         self.device = resolve_device(device, "torch")

@@ -69,6 +69,10 @@ class EmptyInputError(InvalidInputError):
     """An empty message list or empty text batch where at least one item is required."""
 
 
+class ChatTemplateError(InvalidInputError):
+    """The model's chat template does not compile or rejects the messages (e.g. roles out of order)."""
+
+
 class ModelTypeError(TTAEngineError, ValueError):
     """A model asked for a job of the other kind: an embedding model asked to generate, or an LM to embed."""
 

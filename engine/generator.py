@@ -83,8 +83,11 @@ def check_context(prompt_len: int, max_new_tokens: int, context_length: int) -> 
 
 
 def prefill(backend, cache, prompt_ids: Sequence[int]) -> np.ndarray:
-    """Run the whole prompt through the model; logits of the last position [vocab]."""
-    return backend.forward(cache, np.asarray([prompt_ids], dtype=np.int64))[0]
+    """Run the prompt through the model (the backend's own chunking when it has one: OrtDecoder.prefill);
+    logits of the last position [vocab]."""
+    ids = np.asarray([prompt_ids], dtype=np.int64)
+    run = getattr(backend, "prefill", None)
+    return (run(cache, ids) if run is not None else backend.forward(cache, ids))[0]
 
 
 def decode_one_token(backend, cache, token: int) -> np.ndarray:

@@ -34,8 +34,12 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 class FusedKVCache:
     """Per-layer K/V buffers [batch, kv_heads, capacity, head_dim] and each row's valid length.
 
-    The buffers live in ``memory`` (engine/kv_memory.py): numpy arrays on the CPU (default), ORT-allocated
-    device memory viewed through PyTorch on CUDA. Both slice like numpy, so row operations are the same."""
+    Row operations (``copy_row``, ``snapshot_row``, ``load_row``) are the only way KV moves between rows
+    and out of / into the cache; ``rows(start, stop)`` is a view of a row range that OrtDecoder.forward
+    accepts like a cache. ``bindings`` holds the IO bindings OrtDecoder builds on these buffers, ``graphs``
+    the CUDA graphs captured on them. The buffers live in ``memory`` (engine/kv_memory.py): numpy arrays
+    on the CPU (default), ORT-allocated device memory viewed through PyTorch on CUDA. Both slice like
+    numpy, so row operations are the same."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  max_capacity: int, *, dtype=np.float32, memory=None):
@@ -48,6 +52,9 @@ class FusedKVCache:
         self.keys = [self._alloc(batch, self.capacity) for _ in range(num_layers)]
         self.values = [self._alloc(batch, self.capacity) for _ in range(num_layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
+        self.bindings = _Bindings()
+        self.graphs: list[tuple[Any, int]] = []  # (session, CUDA graph id) captured on these buffers
+        self._views: dict[tuple[int, int], KVRows] = {}
 
     def _alloc(self, batch: int, capacity: int):
         kv_heads, head_dim = self.shape_tail
@@ -81,15 +88,71 @@ class FusedKVCache:
                         new[row, :, :n] = old[row, :, :n]
                 bufs[i] = new
         self.capacity = new_cap
+        self._views = {}  # they point at the old buffers
+
+    # -- row operations -----------------------------------------------------------------------------
+    def copy_row(self, dst: int, src: int, n: int) -> None:
+        """Positions [0, n) of row ``src`` into row ``dst`` (every layer, keys and values)."""
+        if dst != src and n > 0:
+            for buf in (*self.keys, *self.values):
+                buf[dst, :, :n] = buf[src, :, :n]
+
+    def snapshot_row(self, row: int, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """A copy of positions [0, n) of ``row``: (keys, values), one [kv_heads, n, head_dim] per layer."""
+        clone = self.memory.clone
+        return [clone(k[row, :, :n]) for k in self.keys], [clone(v[row, :, :n]) for v in self.values]
+
+    def load_row(self, row: int, snapshot: tuple[list[np.ndarray], list[np.ndarray]], n: int) -> None:
+        """Positions [0, n) of a ``snapshot_row`` result into ``row``."""
+        for dst, src in ((self.keys, snapshot[0]), (self.values, snapshot[1])):
+            for buf, part in zip(dst, src, strict=True):
+                buf[row, :, :n] = part[:, :n]
+
+    def rows(self, start: int, stop: int) -> KVRows:
+        """View of rows [start, stop), with their current lengths. Views are kept per range until the
+        buffers grow, so the IO bindings OrtDecoder builds on them are reused between steps."""
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = KVRows(self, start, stop)
+        view.lengths = self.lengths[start:stop].copy()
+        return view
 
     def close(self) -> None:
         self.keys, self.values = [], []
-        self.__dict__.pop("_io", None)
-        self.__dict__.pop("_io_buffers", None)
-        for session, graph_id in self.__dict__.pop("_graphs", ()):  # CUDA graphs captured on these buffers
+        self._views = {}
+        self.bindings.clear()
+        for session, graph_id in self.graphs:  # CUDA graphs captured on these buffers
             release = getattr(session, "release_captured_graph", None)  # onnxruntime >= 1.23
             if release is not None:
                 release(graph_id)
+        self.graphs = []
+
+
+class KVRows:
+    """Rows [start, stop) of a FusedKVCache (``owner``), shaped like a cache for OrtDecoder.forward (which
+    updates ``lengths`` here; the owner copies them back)."""
+
+    def __init__(self, big: FusedKVCache, start: int, stop: int):
+        self.memory, self.owner = big.memory, big  # where the buffers live; whose they are
+        self.keys = [k[start:stop] for k in big.keys]
+        self.values = [v[start:stop] for v in big.values]
+        self.lengths = big.lengths[start:stop].copy()
+        self.capacity = big.capacity
+        self.bindings = _Bindings()
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def ensure_capacity(self, needed: int) -> None:
+        assert needed <= self.capacity, "the owner grows the batched cache before a step"
+
+
+class _Bindings(dict):
+    """IO bindings per (session, static), valid while the buffers they point at stay where they are
+    (``address``)."""
+
+    address: tuple | None = None
 
 
 class OptimumKVCache:
@@ -207,6 +270,15 @@ class OrtDecoder:
         logits = self.memory.to_host(logits if all_logits else logits[:, -1, :])
         return logits.astype(np.float32, copy=False)
 
+    def prefill(self, cache, ids: np.ndarray) -> np.ndarray:
+        """Append prompt tokens ``ids`` [batch, seq]; logits of the last position [batch, vocab]. The fused
+        layout runs every prompt chunk on the prefill graph (when the artifact has one), whatever its
+        length: measured on the int4 default (benchmarks/measure_invariance.py), that graph computes a
+        position's KV and logits bit-identically however the prompt is split into chunks of >= 2 tokens,
+        which is what lets the batch scheduler reuse a prefix without changing the output."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return self.forward(cache, ids, prefill_graph=self.layout == "fused")
+
     def _forward_fused(self, cache: FusedKVCache, ids: np.ndarray, new_lengths: np.ndarray,
                        prefill_graph: bool = False):
         cache.ensure_capacity(int(new_lengths.max()))
@@ -242,8 +314,7 @@ class OrtDecoder:
                 graph_id = next(self._graph_ids)
                 io.tta_run_options = ort.RunOptions()
                 io.tta_run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-                owner = getattr(cache, "owner", cache)  # a scheduler's row view: the batch cache it views
-                owner.__dict__.setdefault("_graphs", []).append((self.session, graph_id))
+                getattr(cache, "owner", cache).graphs.append((self.session, graph_id))  # a view: its cache's
         ids_value, seqlens_value, _ = io.tta_inputs
         ids_value.update_inplace(ids)
         seqlens_value.update_inplace((new_lengths - 1).astype(np.int32))
@@ -269,9 +340,10 @@ class OrtDecoder:
         (growth): ~120 binds saved a step."""
         memory = cache.memory
         buffers = (memory.ptr(cache.keys[0]), tuple(cache.keys[0].shape))
-        if cache.__dict__.get("_io_buffers") != buffers:  # new cache, or its buffers moved (growth)
-            cache._io, cache._io_buffers = {}, buffers
-        bindings = cache._io
+        bindings = cache.bindings
+        if bindings.address != buffers:  # new cache, or its buffers moved (growth)
+            bindings.clear()
+            bindings.address = buffers
         key = (id(session), static)
         if key in bindings:
             return bindings[key]

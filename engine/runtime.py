@@ -19,7 +19,7 @@ from typing import Any
 
 from .artifact import Artifact, artifact_dir, artifact_present, export_command, load_artifact
 from .config import ModelConfig
-from .errors import ArtifactError, InvalidInputError
+from .errors import ArtifactError
 from .generator import Completion, GenerationState, generate, generate_events
 from .inputs import check_prompt, check_prompt_size
 from .sampling import SamplingParams, params_from_kwargs
@@ -50,17 +50,8 @@ class LanguageModel:
         prompt = check_prompt(prompt)
         check_prompt_size(prompt, self.backend.context_length, self._max_token_chars())
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
-        if not getattr(self.tokenizer, "chat_template", None):
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
-            return list(self.tokenizer(text)["input_ids"])
-        from jinja2 import TemplateError
-
-        try:
-            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        except TemplateError as exc:  # the template's own checks (e.g. roles must alternate)
-            raise InvalidInputError(f"the chat template of {self.name} refuses these messages: {exc}") from exc
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
 
     def _max_token_chars(self) -> int:
         """Characters of the longest vocabulary entry (0: unknown, no size check before tokenizing)."""
@@ -155,29 +146,33 @@ def _defaults(cfg: ModelConfig | None) -> SamplingParams:
 def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, threads: int | None = None,
                      device: str | None = None, cuda_graph: bool = False) -> LanguageModel:
     """``cuda_graph``: decode steps replayed as CUDA graphs on a GPU (see OrtDecoder; off by default)."""
-    from transformers import AutoTokenizer
-
     from .ort_decoder import OrtDecoder
+    from .tokenizer import Tokenizer
 
     if artifact.kind != "causal_lm":
         raise ArtifactError(f"{artifact.path} holds a {artifact.kind!r} model, not a causal LM")
     meta = artifact.manifest["decoder"]
     device = device or (cfg.device if cfg is not None else "auto")
     backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device, cuda_graph=cuda_graph)
-    tokenizer = AutoTokenizer.from_pretrained(artifact.path)
+    tokenizer = Tokenizer.from_artifact(artifact.path, artifact.manifest.get("tokenizer"))
     return LanguageModel(artifact.name, backend, tokenizer, meta["eos_token_ids"], _defaults(cfg), kind="onnx",
                          size_bytes=artifact.size_bytes, device=str(backend.device))
 
 
 def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None, device: str | None = None) -> LanguageModel:
     """The PyTorch fallback on the resolved device (see sources.load_torch_causal_lm for dtypes)."""
-    from .device import resolve_device
+    from .extras import require_extra
     from .sources import eos_token_ids, load_tokenizer, load_torch_causal_lm, resolve_source
+
+    require_extra("torch", f"the PyTorch fallback of {cfg.name} (no compiled artifact; `tta-engine export "
+                           f"{cfg.name}` or `tta-engine install-artifact FILE` makes one)")
+    from .device import resolve_device
+    from .tokenizer import Tokenizer
     from .torch_backend import TorchDecoder
 
     dev = resolve_device(device or cfg.device, "torch")
     resolved = resolve_source(cfg, cache_dir)
-    tokenizer = load_tokenizer(cfg, resolved)
+    hf_tokenizer = load_tokenizer(cfg, resolved)
     quant = cfg.quantization
     if quant and cfg.backend != "torch" and importlib.util.find_spec("bitsandbytes") is None:
         log.warning("%s asks for %s quantization but bitsandbytes is not installed: the PyTorch fallback "
@@ -187,7 +182,8 @@ def open_torch_lm(cfg: ModelConfig, *, cache_dir: str | None = None, device: str
     context = min(int(getattr(model.config, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30)
     backend = TorchDecoder(model, context)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return LanguageModel(cfg.name, backend, tokenizer, eos_token_ids(model, tokenizer), _defaults(cfg),
+    return LanguageModel(cfg.name, backend, Tokenizer.from_transformers(hf_tokenizer),
+                         eos_token_ids(model, hf_tokenizer), _defaults(cfg),
                          kind="torch", size_bytes=size, device=str(dev))
 
 

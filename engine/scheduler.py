@@ -11,11 +11,22 @@ Requests join and leave between steps. With the fused graph the rows share one K
 contiguous view bound in place (GroupQueryAttention takes each row's own length). Other backends
 (Optimum graph, PyTorch) keep one cache per request and step the rows one after another.
 
+Determinism: a request's output depends only on the request (prompt, sampling parameters, seed), not
+on the cache state or on what else is batched. Measured facts it rests on (benchmarks/
+measure_invariance.py, int4 default and tiny models): a decode step computes each row bit-identically
+to stepping that row alone; the prefill graph computes a position identically however the prompt is
+split into chunks of >= 2 tokens, but differently in a 1-token chunk or on the decode graph. So prompts
+always run on the prefill graph (OrtDecoder.prefill), reuse leaves at least 2 prompt tokens to compute,
+and only "canonical" KV is reused -- positions a cold prefill would compute the same way: prompts, not
+replies (decoded on the decode graph). Each request samples with its own seeded generator.
+
 Prefix reuse (fused graph): a finished request's row keeps its KV -- prompt *and* reply -- resident,
-so the next turn of the same conversation, which repeats all of it, prefills only its new tokens, in
-place, without a copy. A new prompt is matched (longest common token prefix) against the resident rows,
-the rows still decoding, and a bounded LRU of KV copies (``PrefixCache``) that keeps a conversation's
-KV when its row is needed by another one.
+and while the model has nothing else to do the scheduler recomputes the reply part on the prefill graph,
+a chunk at a time (``_canonicalize_one``), so the next turn of the same conversation, which repeats all
+of it, prefills only its new tokens, in place, without a copy. A new prompt is
+matched (longest common token prefix) against the canonical KV of the resident rows, the rows still
+decoding, and a bounded LRU of KV copies (``PrefixCache``) that keeps a conversation's KV when its row
+is needed by another one.
 A bounded queue guards admission: when it is full, ``submit`` raises OverloadedError at once.
 """
 
@@ -31,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ModelUnloadedError, OverloadedError
-from .generator import GenerationState, TokenStream, check_context
+from .generator import GenerationState, TokenStream, check_context, prefill
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,21 +64,6 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-
-class _RowsView:
-    """Rows [start, stop) of a batched FusedKVCache, shaped like a cache for OrtDecoder.forward. Views are
-    kept per row range (``_views``), so the IO binding OrtDecoder caches on them survives between steps."""
-
-    def __init__(self, big, start: int, stop: int):
-        self.memory, self.owner = big.memory, big  # where the buffers live; whose they are
-        self.keys = [k[start:stop] for k in big.keys]
-        self.values = [v[start:stop] for v in big.values]
-        self.lengths = big.lengths[start:stop].copy()
-        self.capacity = big.capacity
-
-    def ensure_capacity(self, needed: int) -> None:
-        assert needed <= self.capacity, "scheduler must grow the batched cache before a step"
 
 
 def common_prefix(a: Sequence[int], b: np.ndarray) -> int:
@@ -108,12 +104,11 @@ class PrefixCache:
         with self.lock:
             if any(len(k) >= n and k[:n] == key for k in self.entries):
                 return  # already covered by a stored sequence
-        keys = [big.memory.clone(k[row, :, :n]) for k in big.keys]
-        values = [big.memory.clone(v[row, :, :n]) for v in big.values]
+        snapshot = big.snapshot_row(row, n)
         with self.lock:
             for k in [k for k in self.entries if len(k) < n and key[:len(k)] == k]:
                 del self.entries[k]  # a prefix of the new entry: redundant
-            self.entries[key] = (keys, values)
+            self.entries[key] = snapshot
             while len(self.entries) > self.max_entries or (len(self.entries) > 1 and self.nbytes > self.max_bytes):
                 self.entries.popitem(last=False)
 
@@ -137,8 +132,7 @@ class BatchScheduler:
         self.reuse = self.fused and prefix_cache_entries > 0
         self.big = self.backend.new_cache(max_batch, capacity=initial_capacity) if self.fused else None
         self.resident: list[tuple[int, ...] | None] = [None] * max_batch  # free rows' KV, by token sequence
-        self._views: dict[tuple[int, int], _RowsView] = {}
-        self._views_key: tuple | None = None
+        self.canon = [0] * max_batch  # positions [0, canon) of a row hold canonical KV (reusable)
         self.pending: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
         self.cond = threading.Condition()
@@ -158,6 +152,8 @@ class BatchScheduler:
             if self.closed:
                 raise ModelUnloadedError(f"model {self.lm.name!r} is being unloaded; retry the request")
             if len(self.pending) >= self.max_queue:
+                self._drop_cancelled_pending()
+            if len(self.pending) >= self.max_queue:
                 raise OverloadedError(
                     f"model {self.lm.name!r} has {len(self.pending)} requests waiting (queue limit "
                     f"{self.max_queue}); retry later or raise max_queue"
@@ -165,6 +161,23 @@ class BatchScheduler:
             self.pending.append(req)
             self.cond.notify()
         return req
+
+    def _drop_cancelled_pending(self) -> None:
+        """Free the queue slots of requests cancelled while waiting (called with ``cond`` held): a
+        client that gave up must not keep a slot until the loop reaches it."""
+        dropped = [r for r in self.pending if r.cancelled.is_set()]
+        if not dropped:
+            return
+        self.pending = collections.deque(r for r in self.pending if not r.cancelled.is_set())
+        for req in dropped:
+            req.state.finish_reason = "cancelled"
+            req.emit(END)
+
+    def settled(self) -> bool:
+        """Nothing queued or decoding, and every resident row's reply recomputed for exact reuse (the
+        state a conversation's next turn finds after the player's think-time)."""
+        with self.cond:
+            return not (self.pending or self.active or self._idle_work())
 
     def close(self) -> None:
         with self.cond:
@@ -178,7 +191,7 @@ class BatchScheduler:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.closed and not self.pending and not self.active:
+                while not self.closed and not self.pending and not self.active and not self._idle_work():
                     self.cond.wait()
                 if self.closed:
                     doomed = list(self.pending) + self.active
@@ -197,9 +210,16 @@ class BatchScheduler:
                     log.exception("decode step failed")
                     for req in list(self.active):
                         self._retire(req, exc)
+            elif not admit:  # idle: make a resident conversation's reply reusable, one chunk at a time
+                try:
+                    self._canonicalize_one()
+                except Exception:  # noqa: BLE001 - a failure only costs reuse
+                    log.exception("recomputing a resident row failed")
+                    self.resident = [None] * self.max_batch
         for req in doomed:  # unfinished work fails loudly: no empty or truncated text posing as an answer
             if req.stream is not None:
                 req.stream.cancel()
+                req.stream.release()
             if req.cache is not None:
                 req.cache.close()
                 req.cache = None
@@ -231,7 +251,7 @@ class BatchScheduler:
             return
         else:
             req.cache = self.backend.new_cache(1, capacity=len(req.prompt_ids) + req.params.max_new_tokens)
-            logits = self.backend.forward(req.cache, np.asarray([req.prompt_ids], dtype=np.int64))[0]
+            logits = prefill(self.backend, req.cache, req.prompt_ids)
             self.active.append(req)
         req.state.t_prefill = time.perf_counter()
         self._take(req, logits)
@@ -240,41 +260,39 @@ class BatchScheduler:
         prompt, big = req.prompt_ids, self.big
         big.ensure_capacity(len(prompt) + req.params.max_new_tokens, keep=self._rows_in_use())
         reuse, source = self._best_prefix(prompt, row) if self.reuse else (0, None)
-        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is always run, for its logits
+        # at least 2 prompt tokens are computed (a 1-token chunk has other numerics than the same position
+        # in a longer chunk): the rest then gets the KV and logits a cold prefill gives it
+        reuse = max(min(reuse, len(prompt) - 2), 0)
         if reuse < self.prefix.min_tokens:
             reuse = 0
         resident, self.resident[row] = self.resident[row], None
         if resident is not None and not (reuse and source == row):
-            self.prefix.store(resident, big, row)  # keep the previous conversation of this row
+            self.prefix.store(resident[: self.canon[row]], big, row)  # keep the previous conversation of this row
         if reuse:
             self.prefix.hits += 1
-            if isinstance(source, int):
-                if source != row:  # another row (resident or still decoding) holds the prefix
-                    for bufs in (big.keys, big.values):
-                        for buf in bufs:
-                            buf[row, :, :reuse] = buf[source, :, :reuse]
+            if isinstance(source, int):  # a row (resident, decoding, or this one) holds the prefix
+                big.copy_row(row, source, reuse)
             else:  # a stored copy
-                for dst, src in ((big.keys, source[0]), (big.values, source[1])):
-                    for i, buf in enumerate(dst):
-                        buf[row, :, :reuse] = src[i][:, :reuse]
+                big.load_row(row, source, reuse)
         elif self.reuse:
             self.prefix.misses += 1
         big.lengths[row] = reuse
         req.reused_tokens = reuse
-        view = self._view(row, row + 1)
-        logits = self.backend.forward(view, np.asarray([prompt[reuse:]], dtype=np.int64))[0]
+        view = big.rows(row, row + 1)
+        logits = prefill(self.backend, view, prompt[reuse:])
         big.lengths[row] = view.lengths[0]
+        self.canon[row] = len(prompt) if len(prompt) >= 2 else 0
         return logits
 
     def _best_prefix(self, prompt: Sequence[int], row: int) -> tuple[int, object]:
-        """Longest common prefix of ``prompt`` with a row's KV (resident or decoding: source = row
-        index) or a stored copy (source = the copy). A row wins ties: it needs no copy, or a cheaper one."""
+        """Longest common prefix of ``prompt`` with a row's canonical KV (resident or decoding: source =
+        row index) or a stored copy (source = the copy). A row wins ties: it needs no copy, or a cheaper one."""
         prompt_arr = np.asarray(prompt)
         best, source = 0, None
         for r in range(self.max_batch):
             tokens = self._row_tokens(r)
             if tokens:
-                n = common_prefix(tokens, prompt_arr)
+                n = common_prefix(tokens[: self.canon[r]], prompt_arr)
                 if n > best or (n == best and n and r == row):  # prefer in place
                     best, source = n, r
         n, entry = self.prefix.lookup(prompt)
@@ -298,15 +316,23 @@ class BatchScheduler:
         rows.update((r, int(self.big.lengths[r])) for r in range(len(self.active)) if self.big.lengths[r])
         return rows
 
-    def _view(self, start: int, stop: int) -> _RowsView:
-        key = self.big.address
-        if key != self._views_key:  # buffers grew: old views point at freed memory
-            self._views, self._views_key = {}, key
-        view = self._views.get((start, stop))
-        if view is None:
-            view = self._views[(start, stop)] = _RowsView(self.big, start, stop)
-        view.lengths = self.big.lengths[start:stop].copy()
-        return view
+    def _idle_work(self) -> bool:
+        """Whether a resident row holds reply KV not recomputed on the prefill graph yet."""
+        return self.reuse and any(t is not None and len(t) - self.canon[r] >= 2 for r, t in enumerate(self.resident))
+
+    def _canonicalize_one(self, chunk: int = 64) -> None:
+        """Recompute up to ``chunk`` positions of one resident row's reply on the prefill graph, in place,
+        as a cold prefill of the same tokens computes them (the reply was decoded on the decode graph).
+        Chunks keep >= 2 tokens each; a request arriving meanwhile waits for one chunk at most."""
+        for r, tokens in enumerate(self.resident):
+            start = self.canon[r]
+            if tokens is not None and len(tokens) - start >= 2:
+                end = start + chunk if len(tokens) - (start + chunk) >= 2 else len(tokens)
+                self.big.lengths[r] = start
+                prefill(self.backend, self.big.rows(r, r + 1), tokens[start:end])
+                self.big.lengths[r] = 0  # free row: its KV is described by resident / canon
+                self.canon[r] = end
+                return
 
     def _step(self) -> None:
         self.steps += 1
@@ -314,7 +340,7 @@ class BatchScheduler:
             n = len(self.active)
             need = int(self.big.lengths[:n].max()) + 1
             self.big.ensure_capacity(need, keep=self._rows_in_use())
-            view = self._view(0, n)
+            view = self.big.rows(0, n)
             for req in self.active:
                 req.stream.prepare()  # constrained rows: masks computed while the forward pass runs
             tokens = np.array([[r.last_token] for r in self.active], dtype=np.int64)
@@ -354,21 +380,21 @@ class BatchScheduler:
             row = self.active.index(req)
             last = len(self.active) - 1
             if self.fused:
-                keep = self.reuse and error is None and int(self.big.lengths[row]) >= self.prefix.min_tokens
+                big = self.big
+                keep = self.reuse and error is None and int(big.lengths[row]) >= self.prefix.min_tokens
                 tokens = tuple(self._row_tokens(row) or ()) if keep else ()
                 if row != last:  # keep active rows packed: move the last row into the hole
-                    if keep:  # the hole's KV is about to be overwritten: keep a copy
-                        self.prefix.store(tokens, self.big, row)
-                    n = int(self.big.lengths[last])
-                    for bufs in (self.big.keys, self.big.values):
-                        for buf in bufs:
-                            buf[row, :, :n] = buf[last, :, :n]
-                    self.big.lengths[row] = self.big.lengths[last]
+                    if keep:  # the hole's KV is about to be overwritten: keep a copy of its canonical part
+                        self.prefix.store(tokens[: self.canon[row]], big, row)
+                    big.copy_row(row, last, int(big.lengths[last]))
+                    big.lengths[row] = big.lengths[last]
+                    self.canon[row] = self.canon[last]
                     self.active[row] = self.active[last]
-                    self.resident[last] = None
+                    self.resident[last], self.canon[last] = None, 0
                 else:  # the row stays where it is, resident, for the conversation's next turn
                     self.resident[last] = tokens or None
-                self.big.lengths[last] = 0
+                    self.canon[last] = self.canon[last] if tokens else 0
+                big.lengths[last] = 0
                 self.active.pop()
             else:
                 self.active.pop(row)

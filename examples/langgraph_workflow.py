@@ -39,9 +39,9 @@ EMOTIONS = {
 
 
 class Scene(BaseModel):
-    location: str = Field(description="where the player is now, a few words")
+    location: str = Field(description="where the player is now, a few words", max_length=40)
     mood: Literal["calm", "tense", "mysterious", "hopeful", "somber"]
-    summary: str = Field(description="one short sentence")
+    summary: str = Field(description="one short sentence", max_length=120)
 
 
 GROUNDING = ("You are a gentle guide in a therapeutic text adventure. The player is overwhelmed. Pause the "
@@ -56,7 +56,7 @@ def build_workflow(manager=None, *, chat_model: str = "smollm2-135m-instruct",
     """The compiled graph. ``manager`` defaults to the process-wide TransformersModelManager;
     ``scene=False`` ends the turn after the narrator (no structured scene update)."""
     llm = ChatTTAEngine(model=chat_model, manager=manager, temperature=0, max_tokens=max_tokens)
-    scene_llm = ChatTTAEngine(model=chat_model, manager=manager, temperature=0, max_tokens=96)
+    scene_llm = ChatTTAEngine(model=chat_model, manager=manager, temperature=0, max_tokens=128)
     g = StateGraph(GameState)
     g.add_node("classify", classifier_node(list(EMOTIONS), prototypes=EMOTIONS, manager=manager,
                                            embedding_model=embedding_model, flag_labels=["panic"]))

@@ -41,6 +41,7 @@ from tta_engine.sources import (
     load_torch_causal_lm,
     resolve_source,
 )
+from tta_engine.tokenizer import Tokenizer
 
 from . import validate
 from .quantize import quantize, save_onnx
@@ -121,8 +122,8 @@ def export_model(cfg: ModelConfig, options: ExportOptions = ExportOptions(), *, 
 
 def export_models(cfg: ModelConfig, precisions: list[str], options: ExportOptions = ExportOptions(), *,
                   quiet: bool = False, progress: Callable[[str], Any] | None = None) -> list[Artifact]:
-    """Export ``cfg`` at each precision. The source is loaded, exported, fused and validated at fp32 once;
-    each precision is then quantized, validated and published atomically on its own."""
+    """Export ``cfg`` at each precision. Stages 1-3 run once (load, export, optimize, with the fp32 graph
+    validated); stages 4-6 (quantize, validate, write) run per precision, each published atomically."""
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise ExportError(f"precision {bad[0] if bad else None!r} is not one of {', '.join(PRECISIONS)}")
@@ -137,223 +138,289 @@ def _export_locked(cfg: ModelConfig, precisions: list[str], options: ExportOptio
                    progress: Progress) -> list[Artifact]:
     artifacts = []
     with tempfile.TemporaryDirectory(prefix=".work-", dir=root) as work_str:
-        prepare = _prepare_encoder if cfg.is_embedding else _prepare_decoder
-        finish = prepare(cfg, options, progress, Path(work_str))
+        job = (EncoderExport if cfg.is_embedding else DecoderExport)(cfg, options, progress, Path(work_str))
+        job.load()                       # 1
+        job.export_and_optimize()        # 2 + 3 (and the fp32 graph validated)
         for precision in precisions:
-            final = artifact_dir(options.out_root, cfg.name, precision)
             progress.name = f"{cfg.name} ({precision})"
-            with staged_artifact(final) as out:
-                manifest = finish(precision, out)
-                progress.stage("write", f"writing artifact to {final}")
-                manifest.update({
-                    "model": {"name": cfg.name, "model_id": cfg.model_id, "config_file": cfg.file},
-                    "precision": precision,
-                    "versions": _versions(),
-                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "export_seconds": round(time.perf_counter() - progress.t0, 1),
-                })
-                manifest = write_manifest(out, manifest)
-                progress.done(f"{sum(f['size'] for f in manifest['files'].values()) / 1e6:.1f} MB")
-            artifacts.append(load_artifact(final))
+            graph, quant_meta = job.quantize(precision)             # 4
+            figures = job.validate(precision, graph)                # 5
+            artifacts.append(_write(job, precision, graph, quant_meta, figures))  # 6
     return artifacts
+
+
+def _write(job, precision: str, graph: Path, quant_meta: dict, figures: dict) -> Artifact:
+    """Stage 6: assemble the artifact in a staged directory, add the manifest, publish atomically."""
+    cfg, progress = job.cfg, job.progress
+    final = artifact_dir(job.options.out_root, cfg.name, precision)
+    with staged_artifact(final) as out:
+        manifest = job.write_files(precision, graph, quant_meta, figures, out)
+        progress.stage("write", f"writing artifact to {final}")
+        manifest.update({
+            "model": {"name": cfg.name, "model_id": cfg.model_id, "config_file": cfg.file},
+            "precision": precision,
+            "versions": _versions(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "export_seconds": round(time.perf_counter() - progress.t0, 1),
+        })
+        manifest = write_manifest(out, manifest)
+        progress.done(f"{sum(f['size'] for f in manifest['files'].values()) / 1e6:.1f} MB")
+    return load_artifact(final)
 
 
 # --- decoders -----------------------------------------------------------------------------------------
 
-def _prepare_decoder(cfg, options, progress, work: Path):
-    """Stages 1-3 (+ fp32 validation) once; returns ``finish(precision, out_dir) -> manifest``."""
-    from tta_engine.ort_decoder import OrtDecoder
+class DecoderExport:
+    """A causal LM through the stages: fused GroupQueryAttention graph (Optimum's as the fallback),
+    quantized per precision (int4 artifacts also carry an int8 prefill graph), validated against PyTorch."""
 
-    progress.stage("load", f"loading {cfg.source.describe()} in PyTorch")
-    resolved = resolve_source(cfg, options.cache_dir)
-    tokenizer = load_tokenizer(cfg, resolved)
-    model = load_torch_causal_lm(cfg, resolved)
-    context = min(int(getattr(model.config, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30)
-    meta: dict[str, Any] = {
-        "num_layers": model.config.num_hidden_layers,
-        "num_kv_heads": getattr(model.config, "num_key_value_heads", model.config.num_attention_heads),
-        "head_dim": getattr(model.config, "head_dim", None)
-        or model.config.hidden_size // model.config.num_attention_heads,
-        "vocab_size": model.config.vocab_size,
-        "context_length": context,
-        "eos_token_ids": eos_token_ids(model, tokenizer),
-        "architecture": model.config.model_type,
-    }
-    progress.done(f"{model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+    def __init__(self, cfg: ModelConfig, options: ExportOptions, progress: Progress, work: Path):
+        self.cfg, self.options, self.progress, self.work = cfg, options, progress, work
+        self.quantized: dict[str, tuple[Path, dict]] = {}  # shared between precisions (int4's prefill is int8)
+        self.prefill: dict[str, Any] | None = None  # the int8 prefill graph of the precision being exported
 
-    prompts = validate.validation_prompts(tokenizer)
-    refs = validate.torch_reference(model, prompts, options.greedy_steps)
+    def load(self) -> None:
+        cfg, progress = self.cfg, self.progress
+        progress.stage("load", f"loading {cfg.source.describe()} in PyTorch")
+        self.resolved = resolve_source(cfg, self.options.cache_dir)
+        self.hf_tokenizer = hf_tokenizer = load_tokenizer(cfg, self.resolved)
+        self.tokenizer = Tokenizer.from_transformers(hf_tokenizer)
+        self.model = model = load_torch_causal_lm(cfg, self.resolved)
+        c = model.config
+        self.meta: dict[str, Any] = {
+            "num_layers": c.num_hidden_layers,
+            "num_kv_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "vocab_size": c.vocab_size,
+            "context_length": min(int(getattr(c, "max_position_embeddings", 2048)), cfg.context_length or 1 << 30),
+            "eos_token_ids": eos_token_ids(model, hf_tokenizer),
+            "architecture": c.model_type,
+        }
+        self.prompts = validate.validation_prompts(self.tokenizer)
+        self.refs = validate.torch_reference(model, self.prompts, self.options.greedy_steps)
+        progress.done(f"{c.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
 
-    def check(path: Path, graph: str, extra_meta: dict | None = None) -> dict:
-        # validated on the CPU on every machine: the manifest's figures do not depend on a GPU being there
-        dec = OrtDecoder(path, dict(meta, graph=graph, **(extra_meta or {})), device="cpu")
-        try:
-            return validate.compare_decoder(refs, dec, prompts, options.greedy_steps)
-        finally:
-            dec.close()
+    def export_and_optimize(self) -> None:
+        """Stages 2-3: the fused graph when a builder covers the architecture and it reproduces PyTorch's
+        greedy tokens; otherwise Optimum's export, which must."""
+        self.fp32_path = self.fallback_reason = None
+        if self._want_fused():
+            self._build_fused()
+        if self.fp32_path is None:
+            self.progress.stage("export", "exporting with Optimum (text-generation-with-past)")
+            self.fp32_path = _optimum_export(self.model, self.work / "optimum", "text-generation-with-past",
+                                             self.options.opset)
+            self.graph = "optimum"
+            self.fp32_fig = self._check(self.fp32_path)
+            self.progress.done(f"{_node_count(self.fp32_path)} nodes")
+            if not self.fp32_fig["greedy_exact"]:
+                raise ExportError(f"{self.cfg.name}: the fp32 ONNX graph does not reproduce PyTorch's greedy "
+                                  f"tokens: {self.fp32_fig}")
+        self.meta["graph"] = self.graph
 
-    want_fused = False
-    if options.graph in ("auto", "fused"):
-        from .fused import UnsupportedArchitectureError, build_fused_decoder, fused_supported
+    def _want_fused(self) -> bool:
+        if self.options.graph not in ("auto", "fused"):
+            return False
+        from .fused import fused_supported
 
-        want_fused = fused_supported(model.config)
-    if options.graph == "fused" and not want_fused:
-        raise ExportError(f"{cfg.name}: no fused graph builder for model type {model.config.model_type!r}; "
-                          "use --graph optimum (or auto)")
-    fp32_path, graph, fp32_fig, fallback_reason = None, None, None, None
-    if want_fused:
+        supported = fused_supported(self.model.config)
+        if self.options.graph == "fused" and not supported:
+            raise ExportError(f"{self.cfg.name}: no fused graph builder for model type "
+                              f"{self.model.config.model_type!r}; use --graph optimum (or auto)")
+        return supported
+
+    def _build_fused(self) -> None:
+        from .fused import UnsupportedArchitectureError, build_fused_decoder
+
+        progress = self.progress
         progress.stage("export", "Optimum export not needed: the fused builder covers this architecture "
                                  "(Optimum's graph is the fallback)")
         progress.done()
         progress.stage("optimize", "building the fused GroupQueryAttention graph")
         try:
-            path = work / "fused.onnx"
-            info = build_fused_decoder(model, path, max_cache_len=context, last_position_logits=True)
-            fig = check(path, "fused")
+            path = self.work / "fused.onnx"
+            info = build_fused_decoder(self.model, path, max_cache_len=self.meta["context_length"],
+                                       last_position_logits=True)
+            self.graph = "fused"
+            fig = self._check(path)
             if fig["greedy_exact"]:
-                fp32_path, graph, fp32_fig = path, "fused", fig
-                meta["fused"] = info
+                self.fp32_path, self.fp32_fig = path, fig
+                self.meta["fused"] = info
                 progress.done(f"{_node_count(path)} nodes, greedy tokens equal PyTorch")
-            else:
-                fallback_reason = f"fused graph failed validation: {fig}"
+                return
+            self.fallback_reason = f"fused graph failed validation: {fig}"
         except UnsupportedArchitectureError as exc:
-            fallback_reason = str(exc)
-        if fp32_path is None:
-            if options.graph == "fused":
-                raise ExportError(f"{cfg.name}: {fallback_reason}")
-            progress.done(f"falling back to the unfused graph ({fallback_reason})")
-    if fp32_path is None:
-        progress.stage("export", "exporting with Optimum (text-generation-with-past)")
-        fp32_path = _optimum_export(model, work / "optimum", "text-generation-with-past", options.opset)
-        graph = "optimum"
-        fp32_fig = check(fp32_path, graph)
-        progress.done(f"{_node_count(fp32_path)} nodes")
-        if not fp32_fig["greedy_exact"]:
-            raise ExportError(f"{cfg.name}: the fp32 ONNX graph does not reproduce PyTorch's greedy tokens: {fp32_fig}")
-    meta["graph"] = graph
-    source = _source_manifest(cfg, resolved)
+            self.fallback_reason = str(exc)
+        if self.options.graph == "fused":
+            raise ExportError(f"{self.cfg.name}: {self.fallback_reason}")
+        progress.done(f"falling back to the unfused graph ({self.fallback_reason})")
 
-    quantized: dict[str, tuple[Path, dict]] = {}
+    def quantize(self, precision: str) -> tuple[Path, dict]:
+        """Stage 4: the graph of ``precision`` (cached), and for int4 the int8 prefill graph beside it."""
+        self.prefill = None
+        if precision == "fp32":
+            return self.fp32_path, {"method": None}
+        path, qmeta = self._quantized(precision)
+        prefill_precision = self.options.prefill_precision
+        if precision == "int4" and self.graph == "fused" and prefill_precision not in (None, "none", precision):
+            prefill_path, prefill_meta = self._quantized(prefill_precision)
+            shutil.copy2(prefill_path, path.parent / "prefill.onnx")  # next to model_int4.onnx for validation
+            self.prefill = {"file": "prefill.onnx", "precision": prefill_precision, "min_tokens": 2,
+                            "activations": prefill_meta.get("activations")}
+        return path, qmeta
 
-    def quantized_graph(precision: str) -> tuple[Path, dict]:
-        if precision not in quantized:  # shared between precisions (int4's prefill graph is int8)
-            progress.stage("quantize", f"quantizing to {precision}")
-            path = work / f"model_{precision}.onnx"
-            qmeta = quantize(fp32_path, path, precision, block_size=options.block_size)
-            progress.done(", ".join(f"{k}={v}" for k, v in qmeta.items() if k != "method"))
-            quantized[precision] = path, qmeta
-        return quantized[precision]
+    def _quantized(self, precision: str) -> tuple[Path, dict]:
+        if precision not in self.quantized:
+            self.progress.stage("quantize", f"quantizing to {precision}")
+            path = self.work / f"model_{precision}.onnx"
+            qmeta = quantize(self.fp32_path, path, precision, block_size=self.options.block_size)
+            self.progress.done(", ".join(f"{k}={v}" for k, v in qmeta.items() if k != "method"))
+            self.quantized[precision] = path, qmeta
+        return self.quantized[precision]
 
-    def finish(precision: str, out: Path) -> dict[str, Any]:
-        final_path, final_fig, quant_meta = fp32_path, fp32_fig, {"method": None}
-        prefill = None
-        if precision != "fp32":
-            final_path, quant_meta = quantized_graph(precision)
-            prefill_precision = options.prefill_precision
-            if precision == "int4" and graph == "fused" and prefill_precision not in (None, "none", precision):
-                prefill_path, prefill_meta = quantized_graph(prefill_precision)
-                _copy_onnx(prefill_path, out / "prefill.onnx")
-                prefill = {"file": "prefill.onnx", "precision": prefill_precision, "min_tokens": 2,
-                           "activations": prefill_meta.get("activations")}
-                shutil.copy2(out / "prefill.onnx", final_path.parent / "prefill.onnx")
-            progress.stage("validate", f"validating {precision} against PyTorch")
-            final_fig = check(final_path, graph, {"prefill": prefill} if prefill else None)
-            progress.done(f"top-1 {final_fig['top1_agreement']:.3f}, KL {final_fig['mean_kl_divergence']:.4g}, "
-                          f"greedy {final_fig['greedy_agreement']:.3f}")
-        _copy_onnx(final_path, out / "model.onnx")
-        tokenizer.save_pretrained(out)
-        model.generation_config.save_pretrained(out)
-        model.config.save_pretrained(out)
+    def validate(self, precision: str, path: Path) -> dict:
+        """Stage 5: teacher-forced logits and greedy tokens against PyTorch (fp32 was checked in stage 3)."""
+        if precision == "fp32":
+            return self.fp32_fig
+        self.progress.stage("validate", f"validating {precision} against PyTorch")
+        fig = self._check(path, {"prefill": self.prefill} if self.prefill else None)
+        self.progress.done(f"top-1 {fig['top1_agreement']:.3f}, KL {fig['mean_kl_divergence']:.4g}, "
+                           f"greedy {fig['greedy_agreement']:.3f}")
+        return fig
+
+    def _check(self, path: Path, extra_meta: dict | None = None) -> dict:
+        from tta_engine.ort_decoder import OrtDecoder
+
+        # validated on the CPU on every machine: the manifest's figures do not depend on a GPU being there
+        dec = OrtDecoder(path, dict(self.meta, graph=self.graph, **(extra_meta or {})), device="cpu")
+        try:
+            return validate.compare_decoder(self.refs, dec, self.prompts, self.options.greedy_steps)
+        finally:
+            dec.close()
+
+    def write_files(self, precision: str, path: Path, quant_meta: dict, figures: dict, out: Path) -> dict[str, Any]:
+        """Stage 6's files: the graph(s), tokenizer + chat template, configs; returns the manifest body."""
+        prefill = self.prefill
+        _copy_onnx(path, out / "model.onnx")
+        if prefill:
+            _copy_onnx(path.parent / "prefill.onnx", out / "prefill.onnx")
+        self.hf_tokenizer.save_pretrained(out)  # the directory stays loadable by AutoTokenizer (other tools)
+        tokenizer_section = self.tokenizer.save(out)  # what the runtime reads (named in the manifest)
+        self.model.generation_config.save_pretrained(out)
+        self.model.config.save_pretrained(out)
         return {
             "kind": "causal_lm",
-            "source": source,
-            "graph": graph,
-            "decoder": dict(meta, node_count=_node_count(final_path), **({"prefill": prefill} if prefill else {})),
+            "tokenizer": tokenizer_section,
+            "generation": _generation_defaults(self.model.generation_config),
+            "source": _source_manifest(self.cfg, self.resolved),
+            "graph": self.graph,
+            "decoder": dict(self.meta, node_count=_node_count(path), **({"prefill": prefill} if prefill else {})),
             "quantization": quant_meta,
             "opset": _opset(out / "model.onnx"),
-            "validation": {"fp32": fp32_fig, precision: final_fig, "fallback_reason": fallback_reason},
+            "validation": {"fp32": self.fp32_fig, precision: figures, "fallback_reason": self.fallback_reason},
         }
-
-    return finish
 
 
 # --- encoders -----------------------------------------------------------------------------------------
 
-def _prepare_encoder(cfg, options, progress, work: Path):
-    """Load, export and fuse once; returns ``finish(precision, out_dir) -> manifest``."""
-    from sentence_transformers import SentenceTransformer
-    from tta_engine.embeddings import OrtEncoder
+class EncoderExport:
+    """A sentence-transformers model through the stages: Optimum's export, ORT's BERT fusions when they
+    keep the cosine, quantized per precision, validated against sentence-transformers."""
 
-    progress.stage("load", f"loading {cfg.source.describe()} with sentence-transformers")
-    resolved = resolve_source(cfg, options.cache_dir)
-    st = SentenceTransformer(str(resolved.directory), device="cpu")
-    hf_model = st[0].auto_model.eval()
-    progress.done(f"{hf_model.config.model_type}, dim {_st_dim(st)}")
+    def __init__(self, cfg: ModelConfig, options: ExportOptions, progress: Progress, work: Path):
+        self.cfg, self.options, self.progress = cfg, options, progress
+        self.stage_dir = work / "encoder"
 
-    progress.stage("export", "exporting with Optimum (feature-extraction)")
-    stage_dir = work / "encoder"
-    raw = _optimum_export(hf_model, stage_dir, "feature-extraction", options.opset)
-    st.tokenizer.save_pretrained(stage_dir)
-    for f in ST_FILES:
-        if (resolved.directory / f).is_file():
-            shutil.copy2(resolved.directory / f, stage_dir / f)
-    for pool_dir in resolved.directory.glob("*_Pooling"):
-        shutil.copytree(pool_dir, stage_dir / pool_dir.name, dirs_exist_ok=True)
-    pooling = {"mode": next((m.pooling_mode for m in st if hasattr(m, "pooling_mode")), "mean"),
-               "normalize": any(type(m).__name__ == "Normalize" for m in st),
-               "max_seq_length": int(st.max_seq_length)}
-    (stage_dir / "pooling.json").write_text(json.dumps(pooling, indent=2) + "\n")
-    progress.done(f"{_node_count(raw)} nodes")
+    def load(self) -> None:
+        from sentence_transformers import SentenceTransformer
 
-    def check(name: str) -> dict:
-        enc = OrtEncoder(stage_dir, model_file=name, device="cpu")
+        self.progress.stage("load", f"loading {self.cfg.source.describe()} with sentence-transformers")
+        self.resolved = resolve_source(self.cfg, self.options.cache_dir)
+        self.st = SentenceTransformer(str(self.resolved.directory), device="cpu")
+        self.hf_model = self.st[0].auto_model.eval()
+        self.tokenizer = Tokenizer.from_transformers(self.st.tokenizer)
+        self.progress.done(f"{self.hf_model.config.model_type}, dim {_st_dim(self.st)}")
+
+    def export_and_optimize(self) -> None:
+        progress, stage_dir, st = self.progress, self.stage_dir, self.st
+        progress.stage("export", "exporting with Optimum (feature-extraction)")
+        self.raw = raw = _optimum_export(self.hf_model, stage_dir, "feature-extraction", self.options.opset)
+        self.st.tokenizer.save_pretrained(stage_dir)  # loadable by AutoTokenizer too (other tools)
+        self.tokenizer_section = self.tokenizer.save(stage_dir)  # what the runtime reads
+        for f in ST_FILES:
+            if (self.resolved.directory / f).is_file():
+                shutil.copy2(self.resolved.directory / f, stage_dir / f)
+        for pool_dir in self.resolved.directory.glob("*_Pooling"):
+            shutil.copytree(pool_dir, stage_dir / pool_dir.name, dirs_exist_ok=True)
+        pooling = {"mode": next((m.pooling_mode for m in st if hasattr(m, "pooling_mode")), "mean"),
+                   "normalize": any(type(m).__name__ == "Normalize" for m in st),
+                   "max_seq_length": int(st.max_seq_length)}
+        (stage_dir / "pooling.json").write_text(json.dumps(pooling, indent=2) + "\n")
+        progress.done(f"{_node_count(raw)} nodes")
+
+        progress.stage("optimize", "fusing attention / LayerNorm / GELU with ONNX Runtime's transformer optimizer")
+        self.unfused_fig = self._check(raw)
+        self.graph, self.chosen, self.fused_fig = "optimum", raw, None
         try:
-            return validate.compare_encoder(st, enc)
+            fused = _ort_fuse_encoder(raw, stage_dir / "fused.onnx", self.hf_model.config)
+            self.fused_fig = self._check(fused)
+            if self.fused_fig["min_cosine"] >= self.unfused_fig["min_cosine"] - 1e-5:
+                self.graph, self.chosen = "optimum+ort-fusions", fused
+            progress.done(f"{_node_count(raw)} -> {_node_count(fused)} nodes, min cosine {self.fused_fig['min_cosine']}")
+        except Exception as exc:  # noqa: BLE001 - fusion is an optimization; the unfused graph stays valid
+            progress.done(f"fusion not applied ({type(exc).__name__}: {exc}); keeping the unfused graph")
+        self.fp32_fig = self.fused_fig if self.chosen is not raw else self.unfused_fig
+        if self.fp32_fig["min_cosine"] < 0.9999:
+            raise ExportError(f"{self.cfg.name}: fp32 encoder cosine vs sentence-transformers is "
+                              f"{self.fp32_fig['min_cosine']} < 0.9999")
+
+    def quantize(self, precision: str) -> tuple[Path, dict]:
+        if precision == "fp32":
+            return self.chosen, {"method": None}
+        self.progress.stage("quantize", f"quantizing to {precision}")
+        path = self.stage_dir / f"model_{precision}.onnx"
+        qmeta = quantize(self.chosen, path, precision, block_size=self.options.block_size)
+        self.progress.done()
+        return path, qmeta
+
+    def validate(self, precision: str, path: Path) -> dict:
+        if precision == "fp32":
+            return self.fp32_fig
+        self.progress.stage("validate", f"validating {precision} against sentence-transformers")
+        fig = self._check(path)
+        self.progress.done(f"min cosine {fig['min_cosine']}")
+        return fig
+
+    def _check(self, path: Path) -> dict:
+        from tta_engine.embeddings import OrtEncoder
+
+        enc = OrtEncoder(self.stage_dir, model_file=path.name, tokenizer=self.tokenizer, device="cpu")
+        try:
+            return validate.compare_encoder(self.st, enc)
         finally:
             enc.close()
 
-    progress.stage("optimize", "fusing attention / LayerNorm / GELU with ONNX Runtime's transformer optimizer")
-    unfused_fig = check(raw.name)
-    graph, chosen, fused_fig = "optimum", raw, None
-    try:
-        fused = _ort_fuse_encoder(raw, stage_dir / "fused.onnx", hf_model.config)
-        fused_fig = check(fused.name)
-        if fused_fig["min_cosine"] >= unfused_fig["min_cosine"] - 1e-5:
-            graph, chosen = "optimum+ort-fusions", fused
-        progress.done(f"{_node_count(raw)} -> {_node_count(fused)} nodes, min cosine {fused_fig['min_cosine']}")
-    except Exception as exc:  # noqa: BLE001 - fusion is an optimization; the unfused graph stays valid
-        progress.done(f"fusion not applied ({type(exc).__name__}: {exc}); keeping the unfused graph")
-    fp32_fig = fused_fig if chosen is not raw else unfused_fig
-    if fp32_fig["min_cosine"] < 0.9999:
-        raise ExportError(f"{cfg.name}: fp32 encoder cosine vs sentence-transformers is "
-                          f"{fp32_fig['min_cosine']} < 0.9999")
-    source = _source_manifest(cfg, resolved)
-
-    def finish(precision: str, out: Path) -> dict[str, Any]:
-        final, final_fig, quant_meta = chosen, fp32_fig, {"method": None}
-        if precision != "fp32":
-            progress.stage("quantize", f"quantizing to {precision}")
-            final = stage_dir / f"model_{precision}.onnx"
-            quant_meta = quantize(chosen, final, precision, block_size=options.block_size)
-            progress.done()
-            progress.stage("validate", f"validating {precision} against sentence-transformers")
-            final_fig = check(final.name)
-            progress.done(f"min cosine {final_fig['min_cosine']}")
-        _copy_onnx(final, out / "model.onnx")
-        for p in stage_dir.iterdir():
+    def write_files(self, precision: str, path: Path, quant_meta: dict, figures: dict, out: Path) -> dict[str, Any]:
+        _copy_onnx(path, out / "model.onnx")
+        for p in self.stage_dir.iterdir():
             if p.suffix != ".onnx" and not p.name.endswith(".onnx.data"):
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, out / p.name)
         return {
             "kind": "embedding",
-            "source": source,
-            "graph": graph,
-            "encoder": {"dimension": _st_dim(st), "node_count": _node_count(out / "model.onnx")},
+            "tokenizer": self.tokenizer_section,
+            "source": _source_manifest(self.cfg, self.resolved),
+            "graph": self.graph,
+            "encoder": {"dimension": _st_dim(self.st), "node_count": _node_count(out / "model.onnx")},
             "quantization": quant_meta,
             "opset": _opset(out / "model.onnx"),
-            "validation": {"fp32_unfused": unfused_fig, "fp32_fused": fused_fig, precision: final_fig},
+            "validation": {"fp32_unfused": self.unfused_fig, "fp32_fused": self.fused_fig, precision: figures},
         }
 
-    return finish
+
+def _generation_defaults(gen) -> dict[str, Any]:
+    """The model's own sampling defaults (generation_config.json), for the runtime to read."""
+    keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+    return {k: getattr(gen, k, None) for k in keys if getattr(gen, k, None) is not None}
 
 
 def _st_dim(st) -> int:

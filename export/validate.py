@@ -29,22 +29,23 @@ VALIDATION_TEXTS = [
 
 
 def validation_prompts(tokenizer, limit: int = 96) -> list[list[int]]:
-    prompts = []
-    for msgs in VALIDATION_MESSAGES:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(" ".join(m["content"] for m in msgs))["input_ids"]
-        prompts.append(list(ids)[:limit])
-    return prompts
+    """The validation messages through the model's chat template (the runtime's rendering)."""
+    from tta_engine.tokenizer import as_tokenizer
+
+    tok = as_tokenizer(tokenizer)
+    return [list(tok.apply_chat_template(msgs, add_generation_prompt=True))[:limit] for msgs in VALIDATION_MESSAGES]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def top1_and_kl(ref: np.ndarray, got: np.ndarray) -> tuple[list[bool], list[float]]:
+    """Per position of teacher-forced logits [seq, vocab]: top-1 agreement and KL(p_ref || p_got)."""
+    lp, lq = _log_softmax(ref), _log_softmax(got)
+    return (ref.argmax(-1) == got.argmax(-1)).tolist(), (np.exp(lp) * (lp - lq)).sum(-1).tolist()
 
 
 def torch_reference(model, prompts: list[list[int]], greedy_steps: int) -> list[dict]:
@@ -87,9 +88,9 @@ def compare_decoder(refs: list[dict], decoder, prompts: list[list[int]], greedy_
     for ref, ids in zip(refs, prompts, strict=True):
         logits, tokens = onnx_run(decoder, ids, greedy_steps)
         max_diff = max(max_diff, float(np.abs(logits - ref["logits"]).max()))
-        agree.extend((logits.argmax(-1) == ref["logits"].argmax(-1)).tolist())
-        lp, lq = _log_softmax(ref["logits"]), _log_softmax(logits)
-        kls.extend((np.exp(lp) * (lp - lq)).sum(-1).tolist())
+        top1, kl = top1_and_kl(ref["logits"], logits)
+        agree.extend(top1)
+        kls.extend(kl)
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref["greedy"], strict=True)) if a != b), greedy_steps)
         greedy_match.append(prefix / greedy_steps)
         exact &= tokens == ref["greedy"]

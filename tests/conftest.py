@@ -1,19 +1,41 @@
 """Shared fixtures: tiny random models saved to disk, their configs, and exported artifacts (cached per
 session so each architecture/precision is exported once). Also puts tests/ on sys.path so that
-``import tiny_models`` works."""
+``import tiny_models`` works.
+
+Runtime-only mode: with ``TTA_TEST_ARTIFACTS=DIR`` (artifacts made by ``tests/export_fixtures.py`` in a
+full venv and installed with ``tta-engine install-artifact``), the ``artifacts`` fixture reads them instead
+of exporting, so the runtime, manager and embedding tests run in a venv without torch/transformers
+(tests marked ``needs_torch`` are skipped there).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 _TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+_BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")  # the harness package ``bench``
+for _p in (_TESTS, _BENCHMARKS):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from tiny_models import DECODER_ARCHS, save_tiny_decoder, save_tiny_encoder  # noqa: E402
+
+PREBUILT = os.environ.get("TTA_TEST_ARTIFACTS")
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_TORCH:
+        return
+    skip = pytest.mark.skip(reason="needs torch/transformers (runtime-only venv); runs in the full venv")
+    for item in items:
+        if "needs_torch" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +45,8 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tiny_root) -> dict[str, Path]:
+    if PREBUILT:  # artifacts exist already; the sources are never read
+        return {arch: tiny_root / arch for arch in (*DECODER_ARCHS, "bert")}
     dirs = {arch: save_tiny_decoder(arch, tiny_root / arch) for arch in DECODER_ARCHS}
     dirs["bert"] = save_tiny_encoder(tiny_root / "bert")
     return dirs
@@ -53,10 +77,17 @@ class ArtifactCache:
         self.root, self.configs, self.done = root, configs, {}
 
     def get(self, name: str, precision: str = "fp32", graph: str = "auto"):
-        from tta_engine.export.pipeline import ExportOptions, export_model
-
         key = (name, precision, graph)
+        if key not in self.done and PREBUILT:
+            from tta_engine.artifact import load_artifact
+
+            path = self.root / graph / name / precision
+            if not (path / "manifest.json").is_file():
+                pytest.skip(f"{path} was not exported by tests/export_fixtures.py")
+            self.done[key] = load_artifact(path)
         if key not in self.done:
+            from tta_engine.export.pipeline import ExportOptions, export_model
+
             options = ExportOptions(precision=precision, out_root=self.root / graph, graph=graph)
             self.done[key] = export_model(self.configs[name], options, quiet=True)
         return self.done[key]
@@ -64,7 +95,7 @@ class ArtifactCache:
 
 @pytest.fixture(scope="session")
 def artifacts(tiny_root, tiny_configs) -> ArtifactCache:
-    return ArtifactCache(tiny_root / "artifacts", tiny_configs)
+    return ArtifactCache(Path(PREBUILT) if PREBUILT else tiny_root / "artifacts", tiny_configs)
 
 
 @pytest.fixture(scope="module")

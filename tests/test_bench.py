@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+import bench
 import pytest
-from tta_engine import bench
 
 
 def _quiet(_msg: str) -> None:
@@ -168,3 +168,13 @@ def test_quick_run_writes_markdown_json_and_plots(artifacts, tiny_configs, tmp_p
     md = (out / "results.md").read_text()
     assert "Machine:" in md and "tiny-llama" in md and "| engine |" in md
     assert results["models"]["tiny-llama"]["targets"]
+
+
+def test_bench_command_outside_a_checkout_says_how_to_run_it(monkeypatch, capsys):
+    from tta_engine import cli
+
+    monkeypatch.setattr(cli, "_checkout_benchmarks", lambda: None)
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "source checkout" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert cli.build_parser().parse_args(["bench", "--quick"]).quick is True  # from this checkout: the harness

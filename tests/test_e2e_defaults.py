@@ -7,6 +7,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -137,6 +138,47 @@ def test_serve_answers_the_openai_client_like_the_manager_and_stops_on_sigterm(r
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert code == 0
+
+
+def test_int4_default_same_request_same_answer_with_reuse(real):
+    """Issue 9, defect 1: a repeated greedy request (and a second turn reusing the first's KV) on the int4
+    default equals a fresh manager's answer, also when sent next to another request."""
+    from tta_engine.manager import TransformersModelManager
+
+    root, cfgs, _ = real
+    world = {"role": "system", "content": "World state: the traveller stands at the edge of the Whispering "
+             "Forest at dusk; the old mill turns by the river; a lantern-lit village lies to the east."}
+    turn1 = [world, {"role": "user", "content": "Name three colours and what they mean."}]
+    kw = dict(max_tokens=24, temperature=0)
+
+    def fresh(prompt):
+        f = TransformersModelManager(cfgs, artifacts_root=root)
+        try:
+            return asyncio.run(f.complete(prompt, LM, **kw))["token_ids"]
+        finally:
+            f.close()
+
+    m = TransformersModelManager(cfgs, artifacts_root=root)
+    try:
+        async def main():
+            outs = [await m.complete(turn1, LM, **kw) for _ in range(2)]
+            other = [world, {"role": "user", "content": "Describe the mill."}]
+            outs += [r for r in await asyncio.gather(m.complete(turn1, LM, **kw), m.complete(other, LM, **kw))][:1]
+            return outs
+
+        outs = asyncio.run(main())
+        turn2 = turn1 + [{"role": "assistant", "content": outs[0]["text"]}, {"role": "user", "content": "Why?"}]
+        sched = m._loaded[LM].scheduler
+        while not sched.settled():
+            time.sleep(0.01)
+        second = asyncio.run(m.complete(turn2, LM, **kw))
+        reused = m.stats()[LM]["reused_prompt_tokens"]
+    finally:
+        m.close()
+    ref = fresh(turn1)
+    assert [o["token_ids"] for o in outs] == [ref] * 3
+    assert reused > 2 * outs[0]["usage"]["prompt_tokens"]  # the repeats and the second turn reused KV
+    assert second["token_ids"] == fresh(turn2)
 
 
 def test_structured_character_and_tool_calls_are_always_valid_on_int4(real):

@@ -92,7 +92,7 @@ def test_choice_classifier_answers_one_of_the_labels(manager):
 
 class Scene(BaseModel):
     location: Literal["forest", "river", "tower"]
-    danger: int
+    danger: Literal[0, 1, 2]
 
 
 @needs_structured

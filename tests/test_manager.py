@@ -231,6 +231,7 @@ def test_prefix_reuse_gives_identical_tokens(manager, tiny_configs):
     """The second turn reuses the first turn's prompt *and* reply KV (resident row), output unchanged."""
     async def main():
         first = await manager.complete(_turns(WORLD_MSG), "tiny-llama", max_tokens=16, temperature=0)
+        assert wait_until(manager._loaded["tiny-llama"].scheduler.settled)  # the player's think-time
         second = await manager.complete(_turns(WORLD_MSG, first["text"]), "tiny-llama", max_tokens=16,
                                         temperature=0)
         return first, second
@@ -286,6 +287,7 @@ def test_embedding_cache_and_stats(manager):
     assert st["load_seconds"] > 0 and st["backend"] == "onnx"
 
 
+@pytest.mark.needs_torch
 def test_torch_backend_behind_the_same_manager(tiny_configs, tmp_path):
     m = TransformersModelManager(tiny_configs, artifacts_root=tmp_path / "none", backend="torch")
     try:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-from tta_engine.kv_memory import HostMemory
 from tta_engine.scheduler import PrefixCache, common_prefix
 
 
-class Big:
-    """The part of a batched FusedKVCache that PrefixCache.store reads: per-layer [rows, heads, cap, dim]."""
+def Big(layers: int = 2, rows: int = 2, capacity: int = 64):
+    """A batched FusedKVCache (per-layer [rows, heads, cap, dim]) filled with random KV."""
+    from tta_engine.ort_decoder import FusedKVCache
 
-    memory = HostMemory()
-
-    def __init__(self, layers: int = 2, rows: int = 2, capacity: int = 64):
-        rng = np.random.default_rng(0)
-        self.keys = [rng.standard_normal((rows, 1, capacity, 4), dtype=np.float32) for _ in range(layers)]
-        self.values = [rng.standard_normal((rows, 1, capacity, 4), dtype=np.float32) for _ in range(layers)]
+    rng = np.random.default_rng(0)
+    big = FusedKVCache(num_layers=layers, batch=rows, kv_heads=1, head_dim=4, capacity=capacity,
+                       max_capacity=capacity)
+    for buf in big.keys + big.values:
+        buf[:] = rng.standard_normal(buf.shape, dtype=np.float32)
+    return big
 
 
 def test_common_prefix():
@@ -72,3 +72,19 @@ def test_growing_a_batch_cache_keeps_the_rows_in_use():
         assert not new[1].any() and not new[0, :, 5:].any()  # not copied: nothing there to keep
     c.ensure_capacity(20)  # default: everything
     np.testing.assert_array_equal(c.keys[0][2, :, :8], before[0][2, :, :8])
+
+
+def test_row_operations_copy_snapshot_and_load():
+    big = Big(rows=3)
+    before = [b.copy() for b in big.keys + big.values]
+    snap = big.snapshot_row(0, 10)
+    big.copy_row(2, 1, 7)
+    for old, new in zip(before, big.keys + big.values, strict=True):
+        np.testing.assert_array_equal(new[2, :, :7], old[1, :, :7])
+        np.testing.assert_array_equal(new[2, :, 7:], old[2, :, 7:])  # beyond n: untouched
+    big.load_row(1, snap, 10)
+    for old, new in zip(before, big.keys + big.values, strict=True):
+        np.testing.assert_array_equal(new[1, :, :10], old[0, :, :10])
+    for buf in big.keys + big.values:
+        buf[0] = 0  # the snapshot is a copy, not a view
+    assert all(part.any() for part in snap[0] + snap[1])

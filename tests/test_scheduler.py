@@ -86,3 +86,43 @@ def test_requests_compare_by_identity():
     a, b = (Request([1, 2, 3], params, print, None) for _ in range(2))
     assert a != b and a == a and len({a, b}) == 2
     assert b not in [a]
+
+
+def test_requests_cancelled_while_queued_free_their_queue_slots(lm):
+    """The loop is held on a decoding request; two queued requests (max_queue=2) are cancelled by their
+    clients. A new submit must be accepted (their slots are free), not refused with OverloadedError, and
+    the cancelled ones end as cancelled with END."""
+    sched = BatchScheduler(lm, max_batch=1, max_queue=2)
+    params = SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.0)
+    first_token, release = threading.Event(), threading.Event()
+    take = sched._take
+
+    def held_take(req, logits):
+        take(req, logits)
+        if not first_token.is_set():
+            first_token.set()
+            release.wait(10)
+
+    sched._take = held_take
+    got: dict[int, list] = {i: [] for i in range(4)}
+    try:
+        sched.submit(list(range(5, 25)), params, got[0].append)
+        assert first_token.wait(10)
+        queued = [sched.submit(list(range(5, 15)), params, got[i].append) for i in (1, 2)]
+        with pytest.raises(OverloadedError):
+            sched.submit(list(range(5, 15)), params, lambda item: None)
+        for req in queued:
+            req.cancel()
+        late = sched.submit(list(range(5, 15)), params, got[3].append)
+        for req in queued:
+            assert req.state.finish_reason == "cancelled" and not req.state.tokens
+        assert got[1] == [END] and got[2] == [END]
+    finally:
+        release.set()
+    deadline = threading.Event()
+    for _ in range(200):
+        if got[3] and got[3][-1] is END:
+            break
+        deadline.wait(0.05)
+    assert got[3][-1] is END and len(late.state.tokens) == 40
+    sched.close()

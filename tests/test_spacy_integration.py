@@ -131,7 +131,8 @@ def test_entities_are_char_aligned_spans_of_the_text_and_keep_existing_ents(lm_m
     from spacy.tokens import Span
 
     nlp = spacy.blank("en")
-    nlp.add_pipe("tta_entities", config={"model": LM, "labels": ["PLACE", "THING"], "max_tokens": 60})
+    nlp.add_pipe("tta_entities", config={"model": LM, "labels": ["PLACE", "THING"], "max_tokens": 140,
+                                         "max_entities": 2})
     text = "The lantern flickers in the quiet forest by the river."
     doc = nlp.make_doc(text)
     doc.ents = [Span(doc, 1, 2, label="OBJ")]  # "lantern", set by an earlier component
@@ -144,7 +145,8 @@ def test_entities_are_char_aligned_spans_of_the_text_and_keep_existing_ents(lm_m
                                                      {"text": "not in the text", "label": "PLACE"}])
     assert [(s.text, s.label_, s.start_char) for s in found] == [("quiet forest", "PLACE", text.index("quiet"))]
     keyed = spacy.blank("en")
-    keyed.add_pipe("tta_entities", config={"model": LM, "labels": ["PLACE"], "spans_key": "sc", "max_tokens": 60})
+    keyed.add_pipe("tta_entities", config={"model": LM, "labels": ["PLACE"], "spans_key": "sc", "max_tokens": 140,
+                                           "max_entities": 2})
     d2 = keyed(text)
     assert d2.ents == () and all(text[s.start_char:s.end_char] == s.text for s in d2.spans["sc"])
 

@@ -97,7 +97,8 @@ def independent_matcher(path, vocab_size: int, rf):
     from llguidance.hf import from_tokenizer
     from transformers import AutoTokenizer
 
-    llt = from_tokenizer(AutoTokenizer.from_pretrained(path), n_vocab=vocab_size)
+    hf = AutoTokenizer.from_pretrained(path)
+    llt = from_tokenizer(hf, n_vocab=max(vocab_size, len(hf)))  # the tokenizer may have ids past the logits
     M = llguidance.LLMatcher
     if isinstance(rf, type):  # the engine closes Pydantic objects (no keys beyond the declared fields)
         schema = {**rf.model_json_schema(), "additionalProperties": False}
@@ -114,7 +115,7 @@ def independent_matcher(path, vocab_size: int, rf):
         grammar = M.grammar_from_json_schema(rf, defaults=JSON_OPTIONS)
     m = M(llt, grammar, log_level=0)
     assert not m.is_error(), m.get_error()
-    return m
+    return m, llt.vocab_size
 
 
 def replay(ref, tokens, vocab_size: int, eos_ids, finish_reason: str) -> None:
@@ -141,10 +142,10 @@ def test_every_token_is_allowed_by_an_independent_matcher(tiny, kind, sampling):
     tokens = out["token_ids"]
     assert tokens
     if kind == "tool":  # no stock constructor for it: replay through the Lark text on its own
-        ref = independent_matcher(path, lm.backend.vocab_size, {"type": "grammar", "lark": rf["lark"]})
+        ref, n_vocab = independent_matcher(path, lm.backend.vocab_size, {"type": "grammar", "lark": rf["lark"]})
     else:
-        ref = independent_matcher(path, lm.backend.vocab_size, rf)
-    replay(ref, tokens, lm.backend.vocab_size, set(lm.eos_ids), out["finish_reason"])
+        ref, n_vocab = independent_matcher(path, lm.backend.vocab_size, rf)
+    replay(ref, tokens, n_vocab, set(lm.eos_ids), out["finish_reason"])
     assert out["finish_reason"] == "stop"  # every format here is bounded: it completes within 120 tokens
     check_output(kind, out["text"])
 

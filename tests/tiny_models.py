@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 VOCAB_SIZE = 384
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -83,6 +81,7 @@ DECODER_ARCHS = ("llama", "qwen2", "phi3", "gemma3")
 
 def tiny_model(arch: str, seed: int = 0):
     """A random tiny model in eval mode; weights are scaled up a little so logits are not all ~0."""
+    import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)

@@ -52,7 +52,7 @@ def tokenizer_json(tokenizer) -> str:
     """The serialized ``tokenizers`` tokenizer (tokenizer.json) behind the engine's tokenizer: a
     Transformers fast tokenizer, a ``tokenizers.Tokenizer``, or a wrapper holding one."""
     for obj in (tokenizer, *(getattr(tokenizer, a, None) for a in ("backend_tokenizer", "tokenizer", "_tokenizer",
-                                                                  "backend"))):
+                                                                  "backend", "_backend"))):
         if obj is not None and hasattr(obj, "to_str") and hasattr(obj, "no_padding"):
             obj = copy(obj)
             obj.no_padding()
@@ -118,6 +118,8 @@ class TTAGuidanceTokenizer(Tokenizer):
         # BOS only where the engine's tokenizer adds one itself (SmolLM2's does not), so that guidance
         # prompts encode like the engine's
         bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None and getattr(tokenizer, "special_tokens", None):  # the engine's tokenizers-based one
+            bos = tokenizer.token_to_id(tokenizer.special_tokens.get("bos_token") or "")
         if bos is not None and _encode(tokenizer, "a")[:1] != [bos]:
             bos = None
         if chat_template is None:

@@ -114,9 +114,22 @@ def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     return merged
 
 
+def _closed(schema: Any) -> Any:
+    """The schema with every object closed (``additionalProperties: false`` unless it says otherwise), as
+    OpenAI's strict mode does: a reply cannot wander into keys nobody asked for."""
+    if isinstance(schema, dict):
+        out = {k: _closed(v) for k, v in schema.items()}
+        if out.get("type") == "object" and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
 def _tool_schemas(tools: Sequence[dict]) -> dict[str, dict]:
-    """{name: JSON schema of the arguments} of OpenAI-format tools."""
-    return {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "properties": {}}
+    """{name: JSON schema of the arguments} of OpenAI-format tools (objects closed)."""
+    return {t["function"]["name"]: _closed(t["function"].get("parameters") or {"type": "object", "properties": {}})
             for t in tools}
 
 
@@ -355,7 +368,8 @@ class ChatTTAEngine(BaseChatModel):
             else:
                 js = convert_to_json_schema(schema)
                 response_format = {"type": "json_schema", "json_schema": {
-                    "name": js.get("title", "output"), "schema": js, "strict": strict is not False}}
+                    "name": js.get("title", "output"), "schema": _closed(js) if strict is not False else js,
+                    "strict": strict is not False}}
             trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}} if schema else {}
             llm = self.bind(response_format=response_format, **trace)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()

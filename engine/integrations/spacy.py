@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TTAEngineError
+from ..errors import StructuredOutputError, TTAEngineError
 from .classify import DEFAULT_CHOICE_INSTRUCTION, PrototypeClassifier, choose_labels
 from .common import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, default_manager, require, run_sync
 
@@ -161,15 +161,17 @@ class EngineEntities:
     is one of the doc's token n-grams and ``label`` one of ``labels``."""
 
     def __init__(self, nlp: Language, name: str, labels: Sequence[str], model: str, spans_key: str | None,
-                 batch_size: int, max_span_tokens: int, max_tokens: int, instruction: str, manager: Any = None):
+                 batch_size: int, max_span_tokens: int, max_tokens: int, instruction: str, manager: Any = None,
+                 max_entities: int = 4):
         if not labels:
             raise TTAEngineError("tta_entities needs at least one label in its config")
         self.name, self.labels, self.model, self.spans_key = name, list(labels), model, spans_key
         self.batch_size, self.max_span_tokens, self.max_tokens = batch_size, max_span_tokens, max_tokens
+        self.max_entities = max_entities
         self.instruction, self.manager = instruction, manager
 
     def schema(self, candidates: Sequence[str]) -> dict[str, Any]:
-        return {"type": "object", "properties": {"entities": {"type": "array", "maxItems": 8, "items": {
+        return {"type": "object", "properties": {"entities": {"type": "array", "maxItems": self.max_entities, "items": {
             "type": "object", "properties": {"text": {"enum": list(candidates)}, "label": {"enum": self.labels}},
             "required": ["text", "label"], "additionalProperties": False}}},
             "required": ["entities"], "additionalProperties": False}
@@ -185,9 +187,12 @@ class EngineEntities:
                                                           "strict": True}}
             msgs = [{"role": "system", "content": self.instruction.format(labels=", ".join(self.labels))},
                     {"role": "user", "content": doc.text}]
-            text = await m.generate(msgs, self.model, response_format=fmt, temperature=0,
-                                    max_tokens=self.max_tokens)
-            return json.loads(text)["entities"]
+            c = await m.complete(msgs, self.model, response_format=fmt, temperature=0, max_tokens=self.max_tokens)
+            if c["finish_reason"] == "length":
+                raise StructuredOutputError(f"tta_entities: the reply hit max_tokens={self.max_tokens} before the "
+                                            "JSON was complete; raise max_tokens in the component's config",
+                                            raw_text=c["text"])
+            return json.loads(c["text"])["entities"]
 
         return list(await asyncio.gather(*(one(d) for d in docs)))
 
@@ -240,9 +245,10 @@ def make_textcat(nlp: Language, name: str, labels: list[str], mode: str, model: 
 
 @Language.factory("tta_entities", assigns=["doc.ents"], default_config={
     "labels": ["PERSON", "PLACE", "OBJECT", "EVENT", "EMOTION"], "model": DEFAULT_CHAT_MODEL,
-    "spans_key": None, "batch_size": 16, "max_span_tokens": 4, "max_tokens": 96,
+    "spans_key": None, "batch_size": 16, "max_span_tokens": 4, "max_entities": 4, "max_tokens": 160,
     "instruction": "List the named entities in the user's text as JSON, with labels from: {labels}."})
 def make_entities(nlp: Language, name: str, labels: list[str], model: str, spans_key: str | None,
-                  batch_size: int, max_span_tokens: int, max_tokens: int, instruction: str) -> EngineEntities:
+                  batch_size: int, max_span_tokens: int, max_entities: int, max_tokens: int,
+                  instruction: str) -> EngineEntities:
     return EngineEntities(nlp, name, labels, model, spans_key, batch_size, max_span_tokens, max_tokens,
-                          instruction)
+                          instruction, max_entities=max_entities)

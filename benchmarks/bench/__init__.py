@@ -17,7 +17,7 @@ Method (the same for every engine):
 - time to first token (TTFT) = from the call to the moment the first token is sampled (prefill + first
   token, tokenization excluded); decode tok/s = (n - 1) / (time of the last token - time of the first);
   prefill tok/s = prompt tokens / TTFT;
-- peak RSS: by default each engine is loaded in a fresh subprocess (``python -m tta_engine.bench
+- peak RSS: by default each engine is loaded in a fresh subprocess (``python -m bench
   --probe``) which imports numpy, onnxruntime, torch and transformers, loads the engine and generates 16
   tokens (or embeds 32 sentences); ``peak_rss_mb`` is that process's peak RSS (VmHWM), ``model_rss_mb`` the
   peak minus the RSS after the imports; the load time measured there is the cold

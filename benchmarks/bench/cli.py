@@ -1,4 +1,4 @@
-"""CLI: ``tta-engine bench`` (hooked into engine/cli.py), ``python -m tta_engine.bench`` and its
+"""CLI: ``tta-engine bench`` (found by engine/cli.py in a source checkout), ``python -m bench`` and its
 ``--probe`` mode (one engine's cold start and RSS, run in a fresh subprocess)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated concurrent stream counts (default 1,2,4,8,16)")
     p.add_argument("--rss", choices=["subprocess", "delta", "off"], default=None)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every engine (default: each engine's own)")
-    from ..cli import add_device_option
+    from tta_engine.cli import add_device_option
 
     add_device_option(p)  # where tta-engine's own engines run (the baselines stay where they are)
     p.set_defaults(func=cmd_bench)
@@ -61,10 +61,10 @@ def _probe_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tta_engine.bench [bench options]``, or ``--probe KIND SPEC_JSON`` in a subprocess."""
+    """``python -m bench [bench options]``, or ``--probe KIND SPEC_JSON`` in a subprocess."""
     if argv and argv[0] == "--probe":
         return _probe_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m tta_engine.bench")
+    parser = argparse.ArgumentParser(prog="python -m bench")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *argv])
     return args.func(args)

@@ -38,7 +38,7 @@ def prepare_hf_dir(cfg, cache: Path, log: Callable[[str], None] = print) -> tupl
     """A Transformers fp32 directory of ``cfg``'s weights. GGUF sources are dequantized by Transformers
     (exactly as the export stage does) and saved once with ``save_pretrained``; directories are used as is.
     Returns (directory, resolved source)."""
-    from ..sources import load_tokenizer, load_torch_causal_lm, resolve_source
+    from tta_engine.sources import load_tokenizer, load_torch_causal_lm, resolve_source
 
     resolved = resolve_source(cfg)
     if not resolved.gguf_file:

@@ -20,10 +20,10 @@ def bench_concurrency(cfg, artifacts_root, streams: Sequence[int], new_tokens: i
     import asyncio
 
     try:
-        from ..manager import TransformersModelManager
+        from tta_engine.manager import TransformersModelManager
     except ImportError as exc:
         return {"skipped": f"tta_engine.manager is not available ({exc}); concurrency is measured through it"}
-    from ..artifact import artifact_dir
+    from tta_engine.artifact import artifact_dir
 
     if not (artifact_dir(artifacts_root, cfg.name, cfg.precision) / "manifest.json").is_file():
         return {"skipped": f"no {cfg.precision} artifact for {cfg.name}: run `tta-engine export {cfg.name}`"}
@@ -67,11 +67,11 @@ def bench_manager_overhead(cfg, artifacts_root, new_tokens: int, reps: int, max_
     import asyncio
 
     try:
-        from ..manager import TransformersModelManager
+        from tta_engine.manager import TransformersModelManager
     except ImportError as exc:
         return {"skipped": f"tta_engine.manager is not available ({exc})"}
-    from ..artifact import artifact_dir, load_artifact
-    from ..runtime import open_artifact_lm
+    from tta_engine.artifact import artifact_dir, load_artifact
+    from tta_engine.runtime import open_artifact_lm
 
     path = artifact_dir(artifacts_root, cfg.name, cfg.precision)
     if not (path / "manifest.json").is_file():

@@ -103,8 +103,8 @@ class TtaLM(LMEngine):
     family = "tta-engine"
 
     def load(self) -> None:
-        from ..artifact import load_artifact
-        from ..runtime import open_artifact_lm
+        from tta_engine.artifact import load_artifact
+        from tta_engine.runtime import open_artifact_lm
 
         art = load_artifact(self.spec["path"])  # verifies sha256 hashes, as the runtime does
         self.lm = open_artifact_lm(art, threads=self.spec.get("threads"), device=self.spec.get("device"))
@@ -113,8 +113,8 @@ class TtaLM(LMEngine):
         self.context_length = min(self.context_length, int(self.lm.backend.context_length))
 
     def run(self, ids, new_tokens):
-        from ..generator import GenerationState, generate_events
-        from ..sampling import SamplingParams
+        from tta_engine.generator import GenerationState, generate_events
+        from tta_engine.sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0)
         st = GenerationState(len(ids))
@@ -324,8 +324,8 @@ class TtaEmb(EmbEngine):
     family = "tta-engine"
 
     def load(self):
-        from ..artifact import load_artifact
-        from ..embeddings import OrtEncoder
+        from tta_engine.artifact import load_artifact
+        from tta_engine.embeddings import OrtEncoder
 
         art = load_artifact(self.spec["path"])
         self.model = OrtEncoder(art.path, threads=self.spec.get("threads"), device=self.spec.get("device") or "auto")
@@ -367,6 +367,6 @@ def make_emb_engine(spec: dict[str, Any]) -> EmbEngine:
 
 
 def _physical_cores() -> int:
-    from ..ort_session import physical_cores
+    from tta_engine.ort_session import physical_cores
 
     return physical_cores()

@@ -11,22 +11,15 @@ from .engines import LMEngine, TtaLM
 def fidelity_from_logits(refs: Sequence[Any], got: Sequence[Any]) -> dict[str, float]:
     """Top-1 agreement and mean KL(p_ref || p_got) over teacher-forced logits [seq, vocab] per prompt."""
     import numpy as np
+    from tta_engine.export.validate import top1_and_kl  # the export's own figures, one implementation
 
     agree, kls = [], []
     for r, g in zip(refs, got, strict=True):
-        r, g = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
-        agree.extend((r.argmax(-1) == g.argmax(-1)).tolist())
-        lp, lq = _log_softmax(r), _log_softmax(g)
-        kls.extend((np.exp(lp) * (lp - lq)).sum(-1).tolist())
+        top1, kl = top1_and_kl(np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64))
+        agree.extend(top1)
+        kls.extend(kl)
     return {"top1_agreement": round(float(np.mean(agree)), 6),
             "mean_kl_divergence": float(f"{float(np.mean(kls)):.6g}"), "positions": len(agree)}
-
-
-def _log_softmax(x):
-    import numpy as np
-
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def common_prefix_fraction(a: Sequence[int], b: Sequence[int]) -> float:
@@ -41,7 +34,7 @@ def lm_fidelity(engines: Sequence[LMEngine], hf_dir: str | None, tokenizer, gree
                 reference=None, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Per engine, vs the fp32 PyTorch model on export/validate.py's prompts: top-1 agreement and mean KL
     (teacher-forced); tta engines also greedy agreement over ``greedy_steps`` tokens."""
-    from ..export import validate
+    from tta_engine.export import validate
 
     if reference is None:
         if hf_dir is None:

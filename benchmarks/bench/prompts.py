@@ -40,12 +40,9 @@ def bench_messages(action: str = USER_ACTION) -> list[dict[str, str]]:
 def chat_prompt_ids(tokenizer, max_tokens: int, action: str = USER_ACTION) -> list[int]:
     """The benchmark's chat prompt (system + world state + action) through the chat template, at most
     ``max_tokens`` tokens (the end is kept, so the generation prompt is always there)."""
-    msgs = bench_messages(action)
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    else:
-        ids = list(tokenizer("\n".join(m["content"] for m in msgs))["input_ids"])
+    from tta_engine.tokenizer import as_tokenizer
+
+    ids = as_tokenizer(tokenizer).apply_chat_template(bench_messages(action), add_generation_prompt=True)
     return ids[-max_tokens:]
 
 

@@ -37,7 +37,7 @@ def _wanted(only: Sequence[str] | None) -> Callable[[str], bool]:
 def _tta_specs(cfg, artifacts_root, precisions, threads, want: Callable[[str], bool]
                ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """tta-engine's own artifacts, one per precision: (specs, skipped) with the export command when missing."""
-    from ..artifact import artifact_dir
+    from tta_engine.artifact import artifact_dir
 
     specs, skipped = [], []
     for p in precisions:
@@ -132,7 +132,7 @@ def emb_engine_specs(cfg, artifacts_root, cache: Path, *, precisions=("fp32", "i
                      only: Sequence[str] | None = None, log: Callable[[str], None] = print
                      ) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any]]:
     """The embedding engines to compare for ``cfg``: (specs, skipped, info)."""
-    from ..sources import resolve_source
+    from tta_engine.sources import resolve_source
 
     want = _wanted(only)
     specs, skipped = _tta_specs(cfg, artifacts_root, precisions, threads, want)

@@ -22,7 +22,7 @@ from .targets import target_ratios
 
 
 def _resolve_configs(models, config_path=None) -> list:
-    from ..config import get_config, load_model_configs
+    from tta_engine.config import get_config, load_model_configs
 
     configs = None
     out = []

@@ -1,5 +1,5 @@
 """Memory and cold start: peak RSS and load time of each engine in a fresh subprocess (the probe run by
-``python -m tta_engine.bench --probe``), or the in-process RSS growth while loading (quick mode)."""
+``python -m bench --probe``), or the in-process RSS growth while loading (quick mode)."""
 
 from __future__ import annotations
 
@@ -64,10 +64,14 @@ def run_probe(spec: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 def probe_in_subprocess(spec: dict[str, Any], kind: str, timeout: float = 600) -> dict[str, Any]:
+    import os
     import subprocess
+    from pathlib import Path
 
-    proc = subprocess.run([sys.executable, "-m", "tta_engine.bench", "--probe", kind, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
+    benchmarks_dir = str(Path(__file__).resolve().parents[1])  # the checkout's benchmarks/ (holds bench/)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [benchmarks_dir, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--probe", kind, json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]

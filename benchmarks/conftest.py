@@ -1,0 +1,8 @@
+"""pytest benchmarks/: the harness package ``bench`` lives next to this file."""
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)

@@ -1,7 +1,0 @@
-"""``python -m tta_engine.bench``: the bench command, or ``--probe`` (run by memory.probe_in_subprocess)."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main(sys.argv[1:]))
