@@ -123,6 +123,13 @@ def load_torch_causal_lm(cfg: ModelConfig, resolved: ResolvedSource, *, quantiza
     kwargs: dict = {"dtype": dtype}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file  # Transformers dequantizes GGUF into fp32 weights
+    if quantization in ("8bit", "4bit") and resolved.gguf_file:
+        # Transformers refuses bitsandbytes on a GGUF file ("cannot combine Quantization and loading a model
+        # from a GGUF file"): the GGUF's own quantization was dequantized above, so run it unquantized.
+        log.warning("%s: bitsandbytes %s quantization is not available for GGUF sources in Transformers; the "
+                    "PyTorch fallback runs the dequantized weights (export it: `tta-engine export %s`)",
+                    cfg.name, quantization, cfg.name)
+        quantization = None
     if quantization in ("8bit", "4bit"):
         kwargs["quantization_config"] = bitsandbytes_config(quantization, compute_dtype=dtype)
         if device.is_cuda:

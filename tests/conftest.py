@@ -109,3 +109,34 @@ def shared_manager(artifacts, tiny_configs):
     m = TransformersModelManager(tiny_configs, artifacts_root=artifacts.root / "auto")
     yield m
     m.close()
+
+
+@pytest.fixture(scope="session")
+def default_artifacts(tmp_path_factory):
+    """The two packaged default models exported once per session (SmolLM2 int4 + int8, MiniLM fp32):
+    (artifacts root, configs, {(name, precision): Artifact}). Shared by every end-to-end test module."""
+    from tta_engine.config import load_model_configs
+    from tta_engine.export.pipeline import ExportOptions, export_model, export_models
+
+    lm, emb = "smollm2-135m-instruct", "all-minilm-l6-v2"
+    root = tmp_path_factory.mktemp("real-artifacts")
+    cfgs = load_model_configs()
+    arts = {(lm, a.precision): a for a in export_models(cfgs[lm], ["int4", "int8"], ExportOptions(out_root=root))}
+    arts[(emb, "fp32")] = export_model(cfgs[emb], ExportOptions(precision="fp32", out_root=root))
+    return root, cfgs, arts
+
+
+@pytest.fixture(scope="module")
+def default_manager(default_artifacts):
+    """A manager over the exported defaults, installed as the integrations' process-wide default manager
+    (what the examples use), restored afterwards."""
+    from tta_engine.integrations import common
+    from tta_engine.manager import TransformersModelManager
+
+    root, cfgs, _ = default_artifacts
+    m = TransformersModelManager(cfgs, artifacts_root=root)
+    previous = common._manager
+    common.set_default_manager(m)
+    yield m
+    common.set_default_manager(previous)
+    m.close()

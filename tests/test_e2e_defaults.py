@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,21 +12,14 @@ import time
 
 import numpy as np
 import pytest
-from tta_engine.config import load_model_configs
-from tta_engine.export.pipeline import ExportOptions, export_model, export_models
 
 pytestmark = pytest.mark.e2e
 LM, EMB = "smollm2-135m-instruct", "all-minilm-l6-v2"
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real-artifacts")
-    cfgs = load_model_configs()
-    lm_arts = export_models(cfgs[LM], ["int4", "int8"], ExportOptions(out_root=root))
-    arts = {(LM, a.precision): a for a in lm_arts}
-    arts[(EMB, "fp32")] = export_model(cfgs[EMB], ExportOptions(precision="fp32", out_root=root))
-    return root, cfgs, arts
+def real(default_artifacts):
+    return default_artifacts
 
 
 def test_smollm2_artifacts_carry_validation_figures(real):
@@ -208,3 +202,20 @@ def test_structured_character_and_tool_calls_are_always_valid_on_int4(real):
     assert len({c.name for c in chars}) > 1  # seeded samples, not one canned answer
     parsed = [parse_tool_call(text, TOOLS) for text in calls]
     assert all(p.name in TOOLS and isinstance(p.parsed, TOOLS[p.name]) for p in parsed)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (the torch extra)")
+def test_torch_fallback_of_the_4bit_gguf_default_loads_and_generates():
+    """The default's config asks for 4-bit; Transformers refuses bitsandbytes on a GGUF file, so the
+    fallback runs the dequantized weights instead of failing to load (a missing artifact lands here)."""
+    from tta_engine.config import load_model_configs
+    from tta_engine.runtime import open_torch_lm
+
+    cfg = load_model_configs()[LM]
+    assert cfg.quantization == "4bit" and cfg.source.is_gguf
+    lm = open_torch_lm(cfg)
+    try:
+        out = lm.generate("Hello", max_new_tokens=4, temperature=0)
+        assert out["usage"]["completion_tokens"] >= 1 and lm.kind == "torch"
+    finally:
+        lm.close()

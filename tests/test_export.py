@@ -226,7 +226,7 @@ def test_int4_artifact_prefills_with_its_int8_graph(artifacts):
     calls = []
     for label, sess in (("prefill", dec.prefill_session), ("decode", dec.session)):
         real = sess.run_with_iobinding
-        sess.run_with_iobinding = lambda io, _r=real, _l=label: (calls.append(_l), _r(io))[1]
+        sess.run_with_iobinding = lambda io, *a, _r=real, _l=label: (calls.append(_l), _r(io, *a))[1]
     cache = dec.new_cache(1, 64)
     dec.forward(cache, np.arange(3, 3 + pre["min_tokens"])[None])
     dec.forward(cache, np.array([[5]]))
@@ -248,7 +248,7 @@ def test_wide_decode_steps_run_on_the_prefill_graph(artifacts, tiny_configs):
     dec, sessions, shapes = lm.backend, [], []
     for label, sess in (("prefill", dec.prefill_session), ("decode", dec.session)):
         real = sess.run_with_iobinding
-        sess.run_with_iobinding = lambda io, _r=real, _l=label: (sessions.append(_l), _r(io))[1]
+        sess.run_with_iobinding = lambda io, *a, _r=real, _l=label: (sessions.append(_l), _r(io, *a))[1]
     real_forward = dec._forward_fused
     dec._forward_fused = lambda cache, ids, *a: (shapes.append(ids.shape), real_forward(cache, ids, *a))[1]
     for rows, expect_wide in ((2, True), (0, False)):

@@ -29,10 +29,8 @@ def load_example(name: str):
 
 
 @pytest.fixture(scope="module")
-def manager():
-    from tta_engine.integrations.common import default_manager
-
-    return default_manager()  # what the examples use (artifacts exported on demand)
+def manager(default_manager):
+    return default_manager  # installed as the examples' process-wide default manager
 
 
 def test_narrator_streams_through_the_graph_on_the_default_model(manager):

@@ -29,10 +29,8 @@ def load_example(name: str):
 
 
 @pytest.fixture(scope="module")
-def manager():
-    from tta_engine.integrations.common import default_manager
-
-    return default_manager()
+def manager(default_manager):
+    return default_manager  # installed as the examples' process-wide default manager
 
 
 def test_character_agent_validates_10_of_10(manager):

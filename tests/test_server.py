@@ -446,7 +446,8 @@ def test_sigterm_drains_then_stops_streams_with_an_error_event(configs, artifact
             async def stream(max_tokens):
                 events = []
                 async with http.stream("POST", "/v1/chat/completions", json={
-                        "model": LM, "messages": MSGS, "stream": True, "max_tokens": max_tokens, "temperature": 0}) as r:
+                        "model": LM, "messages": MSGS, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+                        "min_tokens": max_tokens if max_tokens == 200 else 0}) as r:  # no early EOS
                     async for line in r.aiter_lines():
                         if line.startswith("data: "):
                             events.append(line[6:])
