@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import operator
 import threading
-from copy import copy
 from dataclasses import dataclass
 from itertools import takewhile
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TTAEngineError
+from ..structured import ll_tokenizer
 from .common import default_manager, require
 
 guidance = require("guidance", "guidance")
@@ -48,21 +48,6 @@ __all__ = ["EngineStats", "TTAEngine", "TTAGuidanceEngine", "TTAGuidanceTokenize
 
 
 # -- tokenizer ------------------------------------------------------------------------------------------
-def tokenizer_json(tokenizer) -> str:
-    """The serialized ``tokenizers`` tokenizer (tokenizer.json) behind the engine's tokenizer: a
-    Transformers fast tokenizer, a ``tokenizers.Tokenizer``, or a wrapper holding one."""
-    for obj in (tokenizer, *(getattr(tokenizer, a, None) for a in ("backend_tokenizer", "tokenizer", "_tokenizer",
-                                                                  "backend", "_backend"))):
-        if obj is not None and hasattr(obj, "to_str") and hasattr(obj, "no_padding"):
-            obj = copy(obj)
-            obj.no_padding()
-            obj.no_truncation()
-            return obj.to_str()
-    raise TTAEngineError(
-        f"cannot build a guidance tokenizer from {type(tokenizer).__name__}: guidance needs the model's "
-        "tokenizers (tokenizer.json) tokenizer; re-export the model so its artifact carries tokenizer.json")
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     out = tokenizer(text)
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
@@ -114,7 +99,9 @@ class TTAGuidanceTokenizer(Tokenizer):
     """guidance's tokenizer interface over the engine's tokenizer (llguidance reads tokenizer.json)."""
 
     def __init__(self, tokenizer, eos_token_id: int, chat_template=None):
-        ll = llguidance.LLTokenizer(tokenizer_json(tokenizer), eos_token=int(eos_token_id))
+        # the structured-output bridge: the same llguidance tokenizer the engine's own constraints use
+        # (it repairs GGUF-converted byte-level decoders, which llguidance would read literally)
+        ll = ll_tokenizer(tokenizer, 0, int(eos_token_id))
         # BOS only where the engine's tokenizer adds one itself (SmolLM2's does not), so that guidance
         # prompts encode like the engine's
         bos = getattr(tokenizer, "bos_token_id", None)
