@@ -14,17 +14,13 @@ guidance = pytest.importorskip("guidance")
 from guidance import assistant, gen, select, system, user  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from tta_engine.integrations.guidance import TTAEngine, chat_template_class, engine_of  # noqa: E402
-from tta_engine.manager import TransformersModelManager  # noqa: E402
 
 MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def manager(tiny_configs, artifacts):
-    artifacts.get(MODEL, "fp32")
-    m = TransformersModelManager(tiny_configs, artifacts_root=artifacts.root / "auto")
-    yield m
-    m.close()
+def manager(shared_manager):
+    return shared_manager  # conftest's manager over the tiny fp32 artifacts (tiny-llama among them)
 
 
 def test_model_is_a_guidance_model_on_the_managers_loaded_model(manager):

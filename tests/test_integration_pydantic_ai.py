@@ -22,7 +22,6 @@ from pydantic_ai.exceptions import (  # noqa: E402
 from pydantic_ai.messages import ModelRequest, TextPart, ToolCallPart, ToolReturnPart, UserPromptPart  # noqa: E402
 from pydantic_ai.models import ModelRequestParameters  # noqa: E402
 from tta_engine.integrations.pydantic_ai import TTAEngineModel, TTAEngineModels  # noqa: E402
-from tta_engine.manager import TransformersModelManager  # noqa: E402
 
 MODEL = "tiny-llama"
 # the tiny model has 256 positions: no schema or tool descriptions in its prompts (the grammar holds anyway)
@@ -43,11 +42,8 @@ class Dice(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def manager(tiny_configs, artifacts):
-    artifacts.get(MODEL, "fp32")
-    m = TransformersModelManager(tiny_configs, artifacts_root=artifacts.root / "auto")
-    yield m
-    m.close()
+def manager(shared_manager):
+    return shared_manager  # conftest's manager over the tiny fp32 artifacts (tiny-llama among them)
 
 
 def test_request_returns_text_with_the_engines_usage(manager):
