@@ -130,8 +130,10 @@ def test_failed_and_cancelled_requests_release_the_model(tiny_configs, roots):
             run(m.generate(MSGS, "tiny-llama", temperature=float("nan")))
 
         async def cancel_midway():
-            task = asyncio.create_task(m.generate(MSGS, "tiny-llama", max_tokens=200, min_new_tokens=200))
-            await asyncio.sleep(0.05)
+            first = asyncio.Event()  # cancel once decoding has begun (a timed sleep lets a quiet machine finish)
+            task = asyncio.create_task(m.generate_streaming(MSGS, "tiny-llama", lambda d: first.set(),
+                                                            max_tokens=200, min_new_tokens=200))
+            await first.wait()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
