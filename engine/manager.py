@@ -29,7 +29,7 @@ from .device import parse_device
 from .errors import ModelTypeError, UnknownModelError
 from .generator import Completion, GenerationState
 from .inputs import check_texts
-from .scheduler import END, BatchScheduler
+from .scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,9 @@ class TransformersModelManager:
         lm = open_language_model(cfg, artifacts_root=self.artifacts_root, backend=self.backend,
                                  cache_dir=self.cache_dir, threads=self.threads, device=self.device,
                                  cuda_graph=self.cuda_graph)
-        sched = BatchScheduler(lm, max_batch=self.max_batch, max_queue=self.max_queue,
-                               prefix_cache_entries=self.prefix_cache_entries,
-                               prefix_cache_bytes=self.prefix_cache_bytes, wide_step_rows=self.wide_step_rows)
+        sched = lm.start_scheduler(max_batch=self.max_batch, max_queue=self.max_queue,
+                                   prefix_cache_entries=self.prefix_cache_entries,
+                                   prefix_cache_bytes=self.prefix_cache_bytes, wide_step_rows=self.wide_step_rows)
         return _Loaded(cfg.name, "causal_lm", lm, lm.size_bytes, lm.kind, device=lm.device, scheduler=sched,
                        tokenizer=lm.tokenizer)
 
@@ -246,9 +246,7 @@ class TransformersModelManager:
         entry = self._loaded.pop(name, None)
         if entry is None:
             return
-        if entry.scheduler is not None:
-            entry.scheduler.close()
-        entry.model.close()
+        entry.model.close()  # a LanguageModel closes its scheduler first (queued and active requests fail)
         self._emb_cache.drop_model(name)
         log.info("unloaded %s", name)
 
@@ -292,41 +290,17 @@ class TransformersModelManager:
         name = self._kind_of(model_name, "causal_lm")
         entry = await self._acquire(name)
         try:
-            lm = entry.model
-            ids = lm.encode_prompt(prompt)
-            params = lm.params(**kwargs)
-            grammar = None
-            if response_format is not None:
-                from .structured import acompile_for_model
-
-                grammar = await acompile_for_model(lm, response_format)
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-
-            def emit(item) -> None:
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                except RuntimeError:  # the consumer's loop is closed: nothing left to deliver to
-                    pass
-
-            st = state if state is not None else GenerationState(len(ids))
-            req = entry.scheduler.submit(ids, params, emit, st, grammar=grammar)
             stats = self._stats[entry.name]
-            stats.requests += 1
-            finished = failed = False
-            try:
-                while True:
-                    item = await queue.get()
-                    if item is END:
-                        finished = True
-                        break
-                    if isinstance(item, BaseException):
-                        failed = True
-                        raise item
-                    yield item
-            finally:
-                req.cancel()  # no-op when finished; otherwise the scheduler drops the row at its next step
-                self._record(stats, st, req, finished, failed)
+
+            def submitted(_req) -> None:
+                stats.requests += 1
+
+            def ended(req, finished: bool, failed: bool) -> None:
+                self._record(stats, req.state, req, finished, failed)
+
+            async for delta in entry.model.astream(prompt, state=state, response_format=response_format,
+                                                   on_submit=submitted, on_end=ended, **kwargs):
+                yield delta
         finally:
             self._release(entry)
 

@@ -3,30 +3,29 @@
 ``LanguageModel`` wraps a decoder backend (ONNX Runtime artifact or PyTorch fallback), its tokenizer
 (with the model's own chat template) and default sampling settings, and offers:
 ``generate`` (-> Completion), ``stream`` (sync iterator of text deltas), ``agenerate`` / ``astream``
-(async), and ``generate_streaming`` (the design note's callback form).
+(async, through the model's batch scheduler: the one async path), and ``generate_streaming`` (the
+design note's callback form).
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import inspect
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .artifact import Artifact, artifact_dir, artifact_present, export_command, load_artifact
 from .config import ModelConfig
-from .errors import ArtifactError
+from .errors import ArtifactError, ModelUnloadedError
 from .generator import Completion, GenerationState, generate, generate_events
 from .inputs import check_prompt, check_prompt_size
 from .sampling import SamplingParams, params_from_kwargs
 
 log = logging.getLogger(__name__)
 Messages = Sequence[dict[str, str]]
-_DONE = object()
 
 
 class LanguageModel:
@@ -40,7 +39,9 @@ class LanguageModel:
         self.defaults = defaults
         self.kind = kind  # "onnx" | "torch"
         self.size_bytes = size_bytes
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"tta-{name}")
+        self._scheduler = None  # started on first async use (see ``scheduler``)
+        self._lock = threading.Lock()
+        self._closed = False
         self._token_chars: int | None = None
 
     # -- prompts ------------------------------------------------------------------------------------
@@ -89,23 +90,46 @@ class LanguageModel:
         return self.events(prompt, **kwargs)
 
     # -- async --------------------------------------------------------------------------------------
-    async def astream(self, prompt: str | Messages, state: GenerationState | None = None, **kwargs) -> AsyncIterator[str]:
-        """Async iterator of text deltas; decoding runs in a worker thread, one step per await."""
-        gen = self.events(prompt, state=state, **kwargs)
-        step = None
-        try:
-            while True:
-                step = self._executor.submit(next, gen, _DONE)
-                delta = await asyncio.wrap_future(step)
-                if delta is _DONE:
-                    return
-                yield delta
-        finally:
-            # Runs on completion, break/aclose and task cancellation: let the in-flight step (at most one
-            # decode step) finish, then close the generator, which stops decoding and frees its KV cache.
-            if step is not None and not step.done():
-                await asyncio.shield(asyncio.wrap_future(step))
-            await asyncio.shield(asyncio.wrap_future(self._executor.submit(gen.close)))
+    @property
+    def scheduler(self):
+        """The model's batch scheduler (engine/scheduler.py), started with default settings on first
+        async use; the manager starts it with its own settings (``start_scheduler``)."""
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = self._new_scheduler()
+            return self._scheduler
+
+    def start_scheduler(self, **options: Any):
+        """Start the scheduler with ``options`` (max_batch, max_queue, prefix_cache_entries, ...)."""
+        with self._lock:
+            if self._scheduler is not None:
+                raise RuntimeError(f"the scheduler of {self.name!r} is already running")
+            self._scheduler = self._new_scheduler(**options)
+            return self._scheduler
+
+    def _new_scheduler(self, **options: Any):
+        from .scheduler import BatchScheduler
+
+        if self._closed:
+            raise ModelUnloadedError(f"model {self.name!r} is closed; load it again")
+        return BatchScheduler(self, **options)
+
+    async def astream(self, prompt: str | Messages, state: GenerationState | None = None, response_format: Any = None,
+                      *, on_submit: Callable | None = None, on_end: Callable | None = None,
+                      **kwargs) -> AsyncIterator[str]:
+        """Async iterator of text deltas, decoded by the model's scheduler (batched with every other
+        async request to this model). Closing the iterator or cancelling its task stops the request at
+        the next decode step. ``on_submit`` / ``on_end``: see ``scheduler.stream_request``."""
+        from .scheduler import stream_request
+        from .structured import acompile_for_model
+
+        ids = self.encode_prompt(prompt)
+        params = self.params(**kwargs)
+        grammar = await acompile_for_model(self, response_format)
+        st = state if state is not None else GenerationState(len(ids))
+        async for delta in stream_request(self.scheduler, ids, params, st, grammar,
+                                          on_submit=on_submit, on_end=on_end):
+            yield delta
 
     async def agenerate(self, prompt: str | Messages, **kwargs) -> Completion:
         state = GenerationState(0)
@@ -119,7 +143,12 @@ class LanguageModel:
         return await deliver_to_callback(self.astream(prompt, **kwargs), callback)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        """Stop the scheduler (its queued and active requests fail with ModelUnloadedError), then free
+        the backend. Idempotent."""
+        with self._lock:
+            sched, self._scheduler, self._closed = self._scheduler, None, True
+        if sched is not None:
+            sched.close()
         if hasattr(self.backend, "close"):
             self.backend.close()
 

@@ -32,11 +32,12 @@ A bounded queue guards admission: when it is full, ``submit`` raises OverloadedE
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -404,3 +405,42 @@ class BatchScheduler:
         if req.stream is not None:
             req.stream.release()
         req.emit(error if error is not None else END)
+
+
+async def stream_request(scheduler: BatchScheduler, prompt_ids: Sequence[int], params: SamplingParams,
+                         state: GenerationState, grammar=None, *,
+                         on_submit: Callable[[Request], None] | None = None,
+                         on_end: Callable[[Request, bool, bool], None] | None = None) -> AsyncIterator[str]:
+    """The one async path: submit a request to ``scheduler`` and yield its text deltas as they arrive.
+
+    The scheduler's thread hands deltas to this event loop (``call_soon_threadsafe``). Closing the
+    iterator or cancelling the task that consumes it cancels the request: the scheduler drops its row at
+    its next step. ``on_submit(req)`` runs once the request is queued; ``on_end(req, finished, failed)``
+    once it ends, however it ends (finished: END arrived; failed: the scheduler sent an exception)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nothing left to deliver to
+            pass
+
+    req = scheduler.submit(prompt_ids, params, emit, state, grammar=grammar)
+    if on_submit is not None:
+        on_submit(req)
+    finished = failed = False
+    try:
+        while True:
+            item = await queue.get()
+            if item is END:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                failed = True
+                raise item
+            yield item
+    finally:
+        req.cancel()  # no-op when finished; otherwise the scheduler drops the row at its next step
+        if on_end is not None:
+            on_end(req, finished, failed)
