@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -201,25 +202,26 @@ class OrtDecoder:
         self.static_decode = decoder_meta["graph"] == "fused" and (
             self.cuda_graph if static_decode is None else bool(static_decode))
         self._graph_ids = itertools.count(1)
-        try:
-            self.session = create_session(model_path, threads=threads, device=self.device, cuda_graph=self.cuda_graph)
-        except Exception as exc:  # noqa: BLE001 - ORT refuses capture when a node is not on the CUDA provider
-            if not self.cuda_graph:
-                raise
-            raise ConfigError(
-                f"cuda_graph=True: ONNX Runtime cannot capture {Path(model_path).name} as a CUDA graph "
-                f"({str(exc).splitlines()[0][:200]}). Every node must run on the CUDA provider, which for the "
-                "fused graph means an fp16 artifact (GroupQueryAttention has CUDA kernels for fp16/bf16 "
-                "only): `tta-engine export NAME --precision fp16`, or drop cuda_graph.") from exc
         # Optional second graph for prompts (same IO and KV layout, other kernels: e.g. int8 on AMX/VNNI
-        # prefills several times faster than int4 MatMulNBits, while int4 decodes faster).
-        prefill = decoder_meta.get("prefill")
-        self.prefill_session = None
-        self.prefill_min_tokens = 1 << 30
-        if prefill and decoder_meta["graph"] == "fused":
-            self.prefill_session = create_session(Path(model_path).parent / prefill["file"], threads=threads,
-                                                  device=self.device)
-            self.prefill_min_tokens = int(prefill.get("min_tokens", 16))
+        # prefills several times faster than int4 MatMulNBits, while int4 decodes faster). Both sessions
+        # are created at once (ONNX Runtime releases the GIL while it initializes one): most of a cold start.
+        prefill = decoder_meta.get("prefill") if decoder_meta["graph"] == "fused" else None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tta-load") as pool:
+            pending = pool.submit(create_session, Path(model_path).parent / prefill["file"], threads=threads,
+                                  device=self.device) if prefill else None
+            try:
+                self.session = create_session(model_path, threads=threads, device=self.device,
+                                              cuda_graph=self.cuda_graph)
+            except Exception as exc:  # noqa: BLE001 - ORT refuses capture when a node is not on the CUDA provider
+                if not self.cuda_graph:
+                    raise
+                raise ConfigError(
+                    f"cuda_graph=True: ONNX Runtime cannot capture {Path(model_path).name} as a CUDA graph "
+                    f"({str(exc).splitlines()[0][:200]}). Every node must run on the CUDA provider, which for the "
+                    "fused graph means an fp16 artifact (GroupQueryAttention has CUDA kernels for fp16/bf16 "
+                    "only): `tta-engine export NAME --precision fp16`, or drop cuda_graph.") from exc
+            self.prefill_session = pending.result() if pending is not None else None
+        self.prefill_min_tokens = int(prefill.get("min_tokens", 16)) if prefill else 1 << 30
         self.last_logits = bool(decoder_meta.get("fused", {}).get("last_position_logits", False))
         self.meta = decoder_meta
         self.layout = decoder_meta["graph"]

@@ -180,7 +180,9 @@ def open_artifact_lm(artifact: Artifact, cfg: ModelConfig | None = None, *, thre
 
     if artifact.kind != "causal_lm":
         raise ArtifactError(f"{artifact.path} holds a {artifact.kind!r} model, not a causal LM")
-    meta = artifact.manifest["decoder"]
+    meta = dict(artifact.manifest["decoder"])
+    if cfg is not None and not cfg.prefill_graph:
+        meta.pop("prefill", None)  # prompts on the decode graph: less memory, slower prompts
     device = device or (cfg.device if cfg is not None else "auto")
     backend = OrtDecoder(artifact.file("model.onnx"), meta, threads=threads, device=device, cuda_graph=cuda_graph)
     tokenizer = Tokenizer.from_artifact(artifact.path, artifact.manifest.get("tokenizer"))

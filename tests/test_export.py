@@ -304,3 +304,32 @@ def test_per_token_activation_quantization_keeps_rows_independent(tmp_path):
     a, b = per_token.run(None, {"x": x})[0], per_token.run(None, {"x": x2})[0]
     np.testing.assert_array_equal(a[0, 1:], b[0, 1:])
     assert not np.array_equal(per_tensor.run(None, {"x": x})[0][0, 1:], per_tensor.run(None, {"x": x2})[0][0, 1:])
+
+
+def test_prefill_graph_off_runs_prompts_on_the_decode_graph(artifacts, tiny_configs, tmp_path):
+    """``prefill_graph = false`` (config): the int4 artifact's int8 prompt graph is not loaded (less
+    memory); prompts run on the decode graph, and a request's text still does not depend on the cache."""
+    import dataclasses
+
+    from tta_engine.config import load_model_configs
+    from tta_engine.runtime import open_artifact_lm
+
+    art = artifacts.get("tiny-llama", "int4")
+    cfg = dataclasses.replace(tiny_configs["tiny-llama"], prefill_graph=False)
+    lm = open_artifact_lm(art, cfg)
+    assert lm.backend.prefill_session is None
+    calls = []
+    real = lm.backend.session.run_with_iobinding
+    lm.backend.session.run_with_iobinding = lambda io, *a: (calls.append("decode"), real(io, *a))[1]
+    first = lm.generate("a long enough prompt for the prefill graph", temperature=0, max_new_tokens=8)
+    assert calls and set(calls) == {"decode"}
+    assert lm.generate("a long enough prompt for the prefill graph", temperature=0,
+                       max_new_tokens=8)["token_ids"] == first["token_ids"]
+    lm.close()
+    default = open_artifact_lm(art, tiny_configs["tiny-llama"])
+    assert default.backend.prefill_session is not None
+    default.close()
+    cfg_file = tmp_path / "models.toml"
+    cfg_file.write_text('[models.m]\nmodel_type = "causal_lm"\nprefill_graph = false\n'
+                        'source = {kind = "local", path = "x"}\n')
+    assert load_model_configs(cfg_file)["m"].prefill_graph is False
