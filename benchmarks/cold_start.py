@@ -89,6 +89,40 @@ print(json.dumps(out))
 """
 
 
+MANAGER_CHILD = r"""
+import asyncio, json, sys, time
+t0 = time.perf_counter()
+from tta_engine.manager import TransformersModelManager
+from tta_engine.config import load_model_configs
+out = {"import": time.perf_counter() - t0}
+root, name, precision = sys.argv[1], sys.argv[2], sys.argv[3]
+cfgs = load_model_configs()
+if precision != cfgs[name].precision:
+    import dataclasses
+    cfgs[name] = dataclasses.replace(cfgs[name], precision=precision)
+m = TransformersModelManager(cfgs, artifacts_root=root)
+msgs = [{"role": "system", "content": "You are the gentle narrator of a calm text adventure."},
+        {"role": "user", "content": "I step into a quiet forest at dusk. What do I notice?"}]
+async def first():
+    async for _ in m.astream(msgs, name, temperature=0, max_tokens=8):
+        return time.perf_counter() - t0
+out["total"] = asyncio.run(first())
+with open("/proc/self/status") as f:
+    out["peak_rss_mb"] = [int(l.split()[1]) // 1024 for l in f if l.startswith("VmHWM")][0]
+m.close()
+print(json.dumps(out))
+"""
+
+
+def manager_once(root: str, model: str, precision: str) -> dict:
+    """New process -> first streamed token through the public API (manager, packaged configs)."""
+    proc = subprocess.run([sys.executable, "-c", MANAGER_CHILD, root, model, precision], capture_output=True,
+                          text=True, env=dict(os.environ), timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_once(path: str, verify: bool, variant: dict) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, path, "1" if verify else "0", json.dumps(variant)],
                           capture_output=True, text=True, env=dict(os.environ), timeout=300)
@@ -129,6 +163,11 @@ def main() -> int:
         med = {k: statistics.median(r[k] for r in rows) for k in keys}
         cells = [f"{med[k]:.0f}" if k.endswith("_mb") else f"{med[k]:.3f}" for k in keys]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    runs = [manager_once(args.artifacts, args.model, args.precision) for _ in range(args.reps)]
+    print(f"public API (new process -> TransformersModelManager(...).astream first token), median of {args.reps}: "
+          f"import {statistics.median(r['import'] for r in runs):.3f} s, total "
+          f"{statistics.median(r['total'] for r in runs):.3f} s, peak RSS "
+          f"{statistics.median(r['peak_rss_mb'] for r in runs):.0f} MB")
     return 0
 
 
