@@ -7,10 +7,9 @@ on the CPU through the same functions and must give the same tokens as the host-
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
+from helpers import two_turns
 from tta_engine.config import model_config_from_dict
 from tta_engine.device import CPU, Device, parse_device, resolve_device
 from tta_engine.errors import BackendUnavailableError, ConfigError
@@ -165,7 +164,7 @@ def test_device_resident_cache_is_ort_memory_and_grows_in_place(artifacts):
 def test_scheduler_on_the_device_resident_path_equals_host_path(artifacts, tiny_configs, static):
     """Batched decode with row packing and prefix reuse (row copies, stored copies) on ORT memory."""
     from tta_engine.runtime import open_artifact_lm
-    from tta_engine.scheduler import END, BatchScheduler
+    from tta_engine.scheduler import BatchScheduler
 
     cfg = tiny_configs["tiny-llama"]
     art = artifacts.get(cfg.name, "fp32")
@@ -177,23 +176,7 @@ def test_scheduler_on_the_device_resident_path_equals_host_path(artifacts, tiny_
             lm.backend = OrtDecoder(art.file("model.onnx"), art.manifest["decoder"], device="cpu",
                                     device_resident=True, static_decode=static)
         sched = BatchScheduler(lm, max_batch=3, initial_capacity=8, prefix_cache_entries=4)
-        outs = []
-
-        async def one(ids, n):
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            req = sched.submit(ids, lm.params(temperature=0, max_new_tokens=n, min_new_tokens=n),
-                               lambda x: loop.call_soon_threadsafe(queue.put_nowait, x))
-            while (item := await queue.get()) is not END:
-                if isinstance(item, Exception):
-                    raise item
-            return req.state.tokens
-
-        async def main():
-            first = await asyncio.gather(*(one(p, 12 + 3 * i) for i, p in enumerate(prompts)))
-            again = await asyncio.gather(*(one(p + t[:4], 10) for p, t in zip(prompts, first, strict=True)))
-            return first + again
-
-        outs = asyncio.run(main())
+        outs = two_turns(sched, lm, prompts)
         hits = sched.prefix.hits
         sched.close()
         lm.close()

@@ -7,6 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from helpers import two_turns
 from tta_engine.device import resolve_device
 from tta_engine.errors import BackendUnavailableError
 
@@ -122,7 +123,7 @@ def test_ort_cuda_graph_decode_equals_uncaptured_decode(artifacts, precision):
 def test_batched_scheduler_on_cuda_equals_cpu(artifacts, tiny_configs):
     """Row packing, prefix reuse and KV growth on device memory give the CPU's tokens."""
     from tta_engine.runtime import open_artifact_lm
-    from tta_engine.scheduler import END, BatchScheduler
+    from tta_engine.scheduler import BatchScheduler
 
     cfg = tiny_configs["tiny-llama"]
     art = artifacts.get(cfg.name, "fp32")
@@ -132,23 +133,8 @@ def test_batched_scheduler_on_cuda_equals_cpu(artifacts, tiny_configs):
         lm = open_artifact_lm(art, cfg, device=device)
         assert lm.device.startswith(device)
         sched = BatchScheduler(lm, max_batch=3, initial_capacity=8, prefix_cache_entries=4)
-
-        async def one(ids, n):
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            req = sched.submit(ids, lm.params(temperature=0, max_new_tokens=n, min_new_tokens=n),
-                               lambda x: loop.call_soon_threadsafe(queue.put_nowait, x))
-            while (item := await queue.get()) is not END:
-                if isinstance(item, Exception):
-                    raise item
-            return req.state.tokens
-
-        async def main():
-            first = await asyncio.gather(*(one(p, 12 + 3 * i) for i, p in enumerate(prompts)))
-            again = await asyncio.gather(*(one(p + t[:4], 10) for p, t in zip(prompts, first, strict=True)))
-            return first + again
-
         try:
-            return asyncio.run(main())
+            return two_turns(sched, lm, prompts)
         finally:
             sched.close()
             lm.close()

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_example
 
 pytest.importorskip("langgraph")
 spacy = pytest.importorskip("spacy")
 
 pytestmark = pytest.mark.e2e
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SENTENCE = "I'm feeling anxious about my upcoming presentation."
 DISTRESS, ACTION = "I can't breathe, everything is too much", "I open the old door"
 needs_structured = pytest.mark.skipif(importlib.util.find_spec("tta_engine.structured") is None,
                                       reason="tta_engine.structured (constrained decoding) is not installed")
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # pydantic resolves annotations there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

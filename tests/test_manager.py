@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import wait_until
 from tta_engine.errors import OverloadedError, UnknownModelError
 from tta_engine.manager import TransformersModelManager
 
@@ -28,18 +29,6 @@ def manager(artifacts, tiny_configs, tmp_path):
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def wait_until(cond, timeout: float = 5.0) -> bool:
-    """The scheduler retires a cancelled row at its next step, on its own thread: poll for it."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 def test_design_note_signatures(manager, tiny_configs):

@@ -3,29 +3,19 @@ through the process-wide default manager the examples use (artifacts exported on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_example
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("pydantic_ai")
 pytest.importorskip("guidance")
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMPTS = ["Create a wise mentor character", "Create a shy forest spirit", "Create a retired knight",
            "Create a cheerful baker", "Create a lighthouse keeper", "Create a young healer",
            "Create a wandering bard", "Create a calm river guide", "Create an old librarian",
            "Create a gentle dragon"]
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    mod = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import wait_until
 from tiny_models import DECODER_ARCHS, tiny_model, tiny_tokenizer
 from tta_engine.errors import ContextLengthError, EmptyInputError, SamplingParamError
 from tta_engine.generator import generate_events
@@ -158,9 +159,7 @@ def test_cancelling_an_async_stream_stops_and_frees(lms, backend):
 
     asyncio.run(main())
     sched = alm.scheduler
-    deadline = time.monotonic() + 30
-    while (sched.active or sched.pending) and time.monotonic() < deadline:  # dropped at its next step
-        time.sleep(0.001)
+    assert wait_until(lambda: not sched.active and not sched.pending)  # dropped at its next step
     steps = spy.steps
     assert not sched.active and steps < 40 and _closed(spy.caches[0])
     gc.collect()

@@ -19,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 from conftest import tiny_cfg
+from helpers import wait_until
 from tta_engine.manager import TransformersModelManager
 from tta_engine.server import build_server
 
@@ -76,15 +77,6 @@ def client(served):
 
 def in_process(manager, prompt, **kw) -> str:
     return asyncio.run(manager.generate(prompt, LM, **kw))
-
-
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 # -- the openai client ----------------------------------------------------------------------------------
