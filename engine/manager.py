@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from .config import ModelConfig, coerce_configs
 from .device import parse_device
 from .errors import ModelTypeError, UnknownModelError
 from .generator import Completion, GenerationState
+from .host_heap import pin_mmap_threshold, release_memory
 from .inputs import check_texts
 from .scheduler import BatchScheduler
 
@@ -131,6 +131,7 @@ class TransformersModelManager:
         self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._stats: dict[str, ModelStats] = collections.defaultdict(ModelStats)
         self._emb_cache = _EmbeddingCache(embedding_cache_size)
+        pin_mmap_threshold()  # models loaded and unloaded for hours: unloads must return memory (host_heap.py)
 
     # -- names --------------------------------------------------------------------------------------
     def resolve_name(self, name: str) -> str:
@@ -240,7 +241,7 @@ class TransformersModelManager:
         name = self.resolve_name(model_name)
         with self._lock:
             self._unload_locked(name)
-        _release_memory()
+        release_memory()
 
     def _unload_locked(self, name: str) -> None:
         entry = self._loaded.pop(name, None)
@@ -254,7 +255,7 @@ class TransformersModelManager:
         with self._lock:
             for name in list(self._loaded):
                 self._unload_locked(name)
-        _release_memory()
+        release_memory()
 
     # -- generation ---------------------------------------------------------------------------------
     async def _acquire(self, name: str) -> _Loaded:
@@ -421,18 +422,6 @@ def export_missing(cfg: ModelConfig, artifacts_root: str | Path | None = None, *
     export_model(cfg, ExportOptions(precision=cfg.precision, out_root=path.parents[1], cache_dir=cache_dir),
                  progress=say)
     return True
-
-
-def _release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, so RSS
-    would not drop after an unload)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _encoder_size(enc) -> int:
