@@ -157,7 +157,7 @@ def cmd_models(args) -> int:
         path = artifact_dir(args.artifacts, cfg.name, cfg.precision)
         size = ""
         try:
-            art = load_artifact(path, verify=args.verify)
+            art = load_artifact(path, verify=False, rehash=args.verify)  # --verify: hash now
             status = f"{'verified' if args.verify else 'not verified'} ({art.manifest['graph']})"
             size = f"{art.size_bytes / 1e6:.1f} MB"
         except ArtifactMissingError:

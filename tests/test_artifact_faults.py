@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,37 @@ def test_cli_closed_stdout_exits_quietly(cli_env):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_a_new_process_trusts_the_stamp_of_unchanged_files_only(artifacts, tmp_path, monkeypatch):
+    """The signature of a verified artifact is kept beside its files, so a new process does not hash an
+    unchanged artifact again (cold start); a file changed in place is hashed and rejected."""
+    path = published_copy(artifacts.get("tiny-llama", "fp32"), tmp_path)
+    hashed = []
+    real = artifact_mod.sha256_file
+    monkeypatch.setattr(artifact_mod, "sha256_file", lambda p, *a: (hashed.append(p.name), real(p, *a))[1])
+    load_artifact(path)
+    assert hashed and (path / artifact_mod.VERIFIED_STAMP).is_file()
+    hashed.clear()
+    artifact_mod._verified.clear()  # what a new process knows
+    load_artifact(path)
+    assert hashed == []
+    flip_byte(path / "model.onnx")
+    artifact_mod._verified.clear()
+    with pytest.raises(ArtifactCorruptedError, match="sha256"):
+        load_artifact(path)
+    assert not (path / artifact_mod.VERIFIED_STAMP).exists()
+
+
+def test_read_only_artifacts_load_without_a_stamp(artifacts, tmp_path):
+    path = published_copy(artifacts.get("tiny-llama", "fp32"), tmp_path)
+    (path / artifact_mod.VERIFIED_STAMP).unlink(missing_ok=True)
+    path.chmod(0o555)
+    try:
+        artifact_mod._verified.clear()
+        if os.access(path, os.W_OK):  # root ignores the mode: make the stamp write fail another way
+            (path / f"{artifact_mod.VERIFIED_STAMP}.{os.getpid()}.tmp").mkdir()
+        assert load_artifact(path).manifest
+        assert not (path / artifact_mod.VERIFIED_STAMP).is_file()
+    finally:
+        path.chmod(0o755)
