@@ -1,11 +1,12 @@
 """The C heap under loading and unloading models (glibc only; elsewhere every function is a no-op).
 
-A model's weights, ONNX Runtime's buffers and the KV cache are large allocations. glibc serves those with
-mmap and returns them to the OS on free, but each such free also *raises* its mmap threshold (dynamically,
-up to 32 MiB): after the first model is unloaded, the next model's multi-MB buffers come from the heap
-arenas instead, where freed memory stays behind fragmentation. Measured on the int4 SmolLM2 default
-(benchmarks/soak.py, 20 load/unload cycles): RSS after each unload wandered between 102 and 218 MB;
-with the threshold pinned at 4 MiB it stayed within 83-87 MB (as with MALLOC_ARENA_MAX=1).
+Loading a model allocates from several threads (ONNX Runtime's session loaders, the scheduler), and
+glibc gives each thread its own arena (up to 8 per core). Freed model memory inside those arenas stays
+behind fragmentation, even after ``malloc_trim``: measured on the defaults (12 load/unload cycles of
+SmolLM2 int4 + MiniLM, RSS after each unload), it wandered 85-185 MB (+99 MB). With at most 2 arenas
+(``limit_arenas``, set before the first load) it stayed at 85-87 MB, first token unchanged (0.08-0.10 s).
+Pinning the mmap threshold at 4 MiB also held RSS (+4 MB) but made the first token 0.1-0.37 s (fresh
+pages for ORT's buffers), so this limits the arenas instead.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import ctypes
 import gc
 import os
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD = 4 << 20
-_pinned = False
+_M_ARENA_MAX = -8  # glibc mallopt parameter
+MAX_ARENAS = 2
+_limited = False
 
 
 def _libc():
@@ -27,20 +28,20 @@ def _libc():
         return None
 
 
-def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
-    """Serve allocations of ``nbytes`` and more with mmap for the rest of the process (which also turns off
-    glibc's dynamic threshold), so unloaded models hand their memory back. Once per process; skipped when
-    the user set MALLOC_MMAP_THRESHOLD_ themselves or TTA_ENGINE_PIN_MMAP=0. True when it is in effect."""
-    global _pinned
-    if _pinned:
+def limit_arenas(n: int = MAX_ARENAS) -> bool:
+    """At most ``n`` malloc arenas for the rest of the process (threads made later share them), so
+    unloaded models hand their memory back. Once per process; skipped when the user set MALLOC_ARENA_MAX
+    themselves or TTA_ENGINE_LIMIT_ARENAS=0. True when it is in effect."""
+    global _limited
+    if _limited:
         return True
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("TTA_ENGINE_PIN_MMAP", "1") == "0":
+    if "MALLOC_ARENA_MAX" in os.environ or os.environ.get("TTA_ENGINE_LIMIT_ARENAS", "1") == "0":
         return False
     libc = _libc()
     if libc is None:
         return False
-    _pinned = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
-    return _pinned
+    _limited = bool(libc.mallopt(_M_ARENA_MAX, int(n)))
+    return _limited
 
 
 def release_memory() -> None:

@@ -27,7 +27,7 @@ from .config import ModelConfig, coerce_configs
 from .device import parse_device
 from .errors import ModelTypeError, UnknownModelError
 from .generator import Completion, GenerationState
-from .host_heap import pin_mmap_threshold, release_memory
+from .host_heap import limit_arenas, release_memory
 from .inputs import check_texts
 from .scheduler import BatchScheduler
 
@@ -131,7 +131,7 @@ class TransformersModelManager:
         self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._stats: dict[str, ModelStats] = collections.defaultdict(ModelStats)
         self._emb_cache = _EmbeddingCache(embedding_cache_size)
-        pin_mmap_threshold()  # models loaded and unloaded for hours: unloads must return memory (host_heap.py)
+        limit_arenas()  # models loaded and unloaded for hours: unloads must return memory (host_heap.py)
 
     # -- names --------------------------------------------------------------------------------------
     def resolve_name(self, name: str) -> str:
