@@ -1,7 +1,7 @@
 """Where a cold start goes: new process -> first token of an artifact, phase by phase, with RSS.
 
 Each variant runs in fresh processes (files in the OS page cache: a warm-disk cold start), alternating
-variants, median of ``--reps``. Phases: ``import`` (tta_engine.runtime, onnxruntime, numpy), ``manifest``
+variants, median of ``--reps``. ``--runtime-python`` adds the same run in a runtime-only venv (no torch). Phases: ``import`` (tta_engine.runtime, onnxruntime, numpy), ``manifest``
 (read + the sha256 of every file when ``verify``), ``sessions`` (the decode graph and, for int4, the
 int8 prefill graph), ``tokenizer``, ``first_token`` (chat prompt -> first token: prefill + sampling).
 
@@ -82,6 +82,11 @@ for _ in range(3):  # the same prompt again, in the same process: TTFT once load
     warm.append(time.perf_counter() - t)
     ev.close()
 out["warm_ttft"] = sorted(warm)[1]
+st = GenerationState(len(ids))
+for _ in generate_events(dec, tok, ids, SamplingParams(temperature=0, max_new_tokens=64, min_new_tokens=64),
+                         lm.eos_ids, state=st):
+    pass
+out["decode_tok_s"] = st.completion()["timings"]["decode_tokens_per_s"]
 out["prompt_tokens"] = len(ids)
 r = rss()
 out.update(model_rss_mb=loaded - base, peak_rss_mb=r["VmHWM"], rss_after_first_token_mb=r["VmRSS"] - base)
@@ -123,8 +128,8 @@ def manager_once(root: str, model: str, precision: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_once(path: str, verify: bool, variant: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, path, "1" if verify else "0", json.dumps(variant)],
+def run_once(path: str, verify: bool, variant: dict, python: str = sys.executable) -> dict:
+    proc = subprocess.run([python, "-c", CHILD, path, "1" if verify else "0", json.dumps(variant)],
                           capture_output=True, text=True, env=dict(os.environ), timeout=300)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
@@ -137,6 +142,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--precision", default="int4")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--runtime-python", default=None,
+                    help="the python of a runtime-only venv (`pip install .`, no torch): adds its row, same run")
     args = ap.parse_args()
     path = os.path.join(args.artifacts, args.model, args.precision)
     variants = {
@@ -147,21 +154,25 @@ def main() -> int:
         "graph optimizations: basic": (False, {"opt_level": "ORT_ENABLE_BASIC"}),
         "without the int8 prefill graph": (False, {"no_prefill_graph": True}),
     }
+    if args.runtime_python:
+        variants["runtime-only venv (no torch installed)"] = (False, {}, args.runtime_python)
     samples: dict[str, list[dict]] = {k: [] for k in variants}
     run_once(path, False, {})  # page cache
     for rep in range(args.reps):
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))
         for name in order:
-            verify, variant = variants[name]
-            samples[name].append(run_once(path, verify, variant))
-    keys = ["import", "manifest", "sessions", "tokenizer", "first_token", "total", "warm_ttft", "model_rss_mb",
+            verify, variant, python = (*variants[name], sys.executable)[:3]
+            samples[name].append(run_once(path, verify, variant, python))
+    keys = ["import", "manifest", "sessions", "tokenizer", "first_token", "total", "warm_ttft", "decode_tok_s",
+            "model_rss_mb",
             "rss_after_first_token_mb", "peak_rss_mb"]
     print(f"{args.model} {args.precision}: median of {args.reps} fresh processes")
     print("| variant | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
     for name, rows in samples.items():
         med = {k: statistics.median(r[k] for r in rows) for k in keys}
-        cells = [f"{med[k]:.0f}" if k.endswith("_mb") else f"{med[k]:.3f}" for k in keys]
+        cells = [f"{med[k]:.0f}" if k.endswith("_mb") else f"{med[k]:.1f}" if k == "decode_tok_s" else f"{med[k]:.3f}"
+                 for k in keys]
         print(f"| {name} | " + " | ".join(cells) + " |")
     runs = [manager_once(args.artifacts, args.model, args.precision) for _ in range(args.reps)]
     print(f"public API (new process -> TransformersModelManager(...).astream first token), median of {args.reps}: "

@@ -1,7 +1,7 @@
 """Structured output on the int4 SmolLM2 default: constrained (llguidance) vs unconstrained + regex-extracted JSON,
 and llama-cpp-python with its JSON-schema grammar on the same GGUF.
 
-    .venv/bin/python benchmarks/compare_structured.py [--n 50] [--speed-n 10] [--max-tokens 400] [--no-llama-cpp]
+    .venv/bin/python benchmarks/compare_structured.py [--n 50] [--speed-n 10] [--no-llama-cpp]
 
 Prints (and with --out writes as JSON) one run's figures:
 - valid rate (parses + Pydantic validates) of 50 Character prompts and 50 tool-call prompts over 4 tools, with and
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import re
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bench.report import machine_info  # noqa: E402
 from game_models import TOOLS, Character, character_prompts, tool_prompts  # noqa: E402
 from tta_engine import structured  # noqa: E402
 from tta_engine.config import load_model_configs  # noqa: E402
@@ -34,6 +34,9 @@ from tta_engine.errors import StructuredOutputError  # noqa: E402
 from tta_engine.manager import TransformersModelManager  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
+# a whole Character (17 fields, lists, nested objects) takes up to ~900 tokens, as in the e2e tests; a
+# call ~30 (unconstrained replies ramble on to the limit)
+MAX_TOKENS = {"character": 900, "tool": 200}
 _JSON = re.compile(r"\{.*\}", re.DOTALL)  # what the game does today: the outermost {...} of the reply
 
 
@@ -129,8 +132,7 @@ async def main_async(args) -> dict:
     cfgs = load_model_configs()
     m = TransformersModelManager(cfgs, artifacts_root=args.artifacts_root, max_batch=8)
     lm, _ = m.load_model(NAME)
-    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
-                 "compile": compile_times(lm)}
+    res: dict = {"machine": machine_info(), "compile": compile_times(lm), "max_tokens": MAX_TOKENS}
     sets = {"tool": (tool_prompts(args.n), structured.tool_call_format(TOOLS), valid_tool),
             "character": (character_prompts(args.n), Character, valid_character)}
     await m.complete(sets["tool"][0][0], NAME, max_tokens=8)  # warm-up
@@ -140,8 +142,8 @@ async def main_async(args) -> dict:
         for label, f in (("constrained", fmt), ("unconstrained", None)):
             structured.MASK_TIMINGS["fill"].clear()
             structured.MASK_TIMINGS["wait"].clear()
-            r8 = await run_set(m, prompts, f, valid, streams=8, max_tokens=args.max_tokens)
-            r1 = await run_set(m, prompts[: args.speed_n], f, valid, streams=1, max_tokens=args.max_tokens)
+            r8 = await run_set(m, prompts, f, valid, streams=8, max_tokens=MAX_TOKENS[kind])
+            r1 = await run_set(m, prompts[: args.speed_n], f, valid, streams=1, max_tokens=MAX_TOKENS[kind])
             res[f"{kind}_{label}"] = {"streams8": r8, "batch1": r1}
             if f is not None:
                 res[f"{kind}_mask"] = {"fill": percentiles(structured.MASK_TIMINGS["fill"]),
@@ -152,7 +154,8 @@ async def main_async(args) -> dict:
                                 "streams8_aggregate": c["streams8"]["aggregate_tok_s"] / u["streams8"]["aggregate_tok_s"]}
     m.close()
     if args.llama_cpp and "character" in args.sets:
-        res["llama_cpp_character"] = llama_cpp_side(cfgs[NAME], sets["character"][0], args.max_tokens, args.speed_n)
+        res["llama_cpp_character"] = llama_cpp_side(cfgs[NAME], sets["character"][0], MAX_TOKENS["character"],
+                                                     args.speed_n)
     return res
 
 
@@ -191,7 +194,6 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=50, help="prompts per set (valid rate, 8 streams)")
     ap.add_argument("--speed-n", type=int, default=10, help="prompts timed at batch 1")
-    ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--artifacts-root", default=None)
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     ap.add_argument("--sets", nargs="+", default=["tool", "character"], choices=["tool", "character"])

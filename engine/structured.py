@@ -494,7 +494,26 @@ def tool_call_format(tools: Mapping[str, Any], text_first: bool = False) -> dict
     return {"type": "grammar", "lark": "\n".join(lines)}
 
 
-_CALL = re.compile(r"<tool>(.*?)</tool>\s*<parameters>(.*?)</parameters>", re.DOTALL)
+_CALL_HEAD = re.compile(r"<tool>(.*?)</tool>\s*<parameters>\s*", re.DOTALL)
+_CALL_END = re.compile(r"\s*</parameters>")
+_JSON = json.JSONDecoder()
+
+
+def _find_call(text: str) -> tuple[str, str] | None:
+    """(name, parameters text) of the first call. The parameters are read as one JSON value, so a string
+    argument may itself contain ``</parameters>`` (the grammar allows it; a model wrote one); when no
+    JSON value is there, the text up to the next ``</parameters>`` (which then fails as "not JSON")."""
+    for m in _CALL_HEAD.finditer(text):
+        try:
+            _, end = _JSON.raw_decode(text, m.end())
+        except json.JSONDecodeError:
+            end = None
+        if end is not None and _CALL_END.match(text, end) is not None:
+            return m.group(1), text[m.end():end]
+        close = text.find("</parameters>", m.end())
+        if close >= 0:
+            return m.group(1), text[m.end():close]
+    return None
 
 
 def parse_tool_call(text: str, tools: Mapping[str, Any]) -> ToolCall:
@@ -502,17 +521,17 @@ def parse_tool_call(text: str, tools: Mapping[str, Any]) -> ToolCall:
     ``tools``; raises :class:`StructuredOutputError` (with ``raw_text``) when there is none, the tool is not
     listed, or the parameters do not validate."""
     known = dict(_tool_items(tools))
-    m = _CALL.search(text)
-    if m is None:
+    found = _find_call(text)
+    if found is None:
         raise StructuredOutputError("no <tool>NAME</tool><parameters>{...}</parameters> call in the output",
                                     raw_text=text)
-    name = m.group(1).strip()
+    name, raw = found[0].strip(), found[1]
     if name not in known:
         raise StructuredOutputError(f"the output calls unknown tool {name!r}; tools: {', '.join(known)}",
                                     raw_text=text)
     params = known[name]
     try:
-        arguments = json.loads(m.group(2))
+        arguments = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise StructuredOutputError(f"the parameters of tool {name!r} are not JSON: {exc}", raw_text=text) from exc
     if not isinstance(arguments, dict):

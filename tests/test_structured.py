@@ -310,6 +310,11 @@ def test_tool_calls_parse_and_validate(tiny):
     good = '<tool>move</tool><parameters>{"to": "north"}</parameters>'
     assert parse_tool_call("I go. " + good, TOOLS) == parse_tool_call(good, TOOLS)
     assert parse_tool_call(good, TOOLS).arguments == {"to": "north"}
+    # a string argument may contain the closing tag (grammar-valid; SmolLM2 wrote one in the benchmark)
+    tricky = '<tool>move</tool><parameters>{"to": "north", "note": "a</parameters>b"}</parameters> then'
+    assert parse_tool_call(tricky, {"move": {"type": "object", "properties": {"to": {"type": "string"},
+                                                                             "note": {"type": "string"}}}}
+                           ).arguments == {"to": "north", "note": "a</parameters>b"}
     bad = ['<tool>fly</tool><parameters>{"to": "north"}</parameters>',  # not a listed tool
            '<tool>move</tool><parameters>{"to": "up"}</parameters>',  # invalid parameters
            '<tool>move</tool><parameters>{"to": </parameters>',  # not JSON
