@@ -61,14 +61,19 @@ def valid_tool(text: str, constrained: bool) -> bool:
         return False
 
 
-async def run_set(m, prompts, fmt, valid, *, streams: int, max_tokens: int) -> dict:
-    """All prompts with at most ``streams`` in flight; seeded sampling (temperature 0.7, top_p 0.95)."""
+async def run_set(m, prompts, fmt, valid, *, streams: int, max_tokens: int | list[int],
+                  exact_length: bool = False) -> dict:
+    """All prompts with at most ``streams`` in flight; seeded sampling (temperature 0.7, top_p 0.95).
+    ``max_tokens``: one limit, or one per prompt; ``exact_length``: each reply gets exactly that many
+    tokens (min = max), so that a free run can be timed on the same lengths as a constrained one."""
     sem = asyncio.Semaphore(streams)
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
 
     async def one(i, p):
+        extra = {"min_new_tokens": limits[i]} if exact_length else {}
         async with sem:
-            return await m.complete(p, NAME, response_format=fmt, max_tokens=max_tokens, temperature=0.7,
-                                    top_p=0.95, seed=i)
+            return await m.complete(p, NAME, response_format=fmt, max_tokens=limits[i], temperature=0.7,
+                                    top_p=0.95, seed=i, **extra)
 
     t0 = time.perf_counter()
     outs = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
@@ -79,7 +84,8 @@ async def run_set(m, prompts, fmt, valid, *, streams: int, max_tokens: int) -> d
     return {"n": len(outs), "valid": sum(valid(o["text"], fmt is not None) for o in outs) / len(outs),
             "length_finishes": sum(o["finish_reason"] == "length" for o in outs),
             "mean_tokens": tokens / len(outs), "wall_s": wall, "aggregate_tok_s": tokens / wall,
-            "decode_tok_s": decode_tokens / decode_s if decode_s else None}
+            "decode_tok_s": decode_tokens / decode_s if decode_s else None,
+            "lengths": [o["usage"]["completion_tokens"] for o in outs]}
 
 
 def compile_times(lm, repeats: int = 200) -> dict:
@@ -149,9 +155,16 @@ async def main_async(args) -> dict:
                 res[f"{kind}_mask"] = {"fill": percentiles(structured.MASK_TIMINGS["fill"]),
                                        "wait": percentiles(structured.MASK_TIMINGS["wait"])}
             print(kind, label, json.dumps(res[f"{kind}_{label}"]), flush=True)
-        c, u = res[f"{kind}_constrained"], res[f"{kind}_unconstrained"]
-        res[f"{kind}_ratio"] = {"batch1_decode": c["batch1"]["decode_tok_s"] / u["batch1"]["decode_tok_s"],
-                                "streams8_aggregate": c["streams8"]["aggregate_tok_s"] / u["streams8"]["aggregate_tok_s"]}
+        # the speed ratio on equal work: each free reply exactly as long as the constrained one was
+        c = res[f"{kind}_constrained"]
+        same = {"streams8": await run_set(m, prompts, None, valid, streams=8, max_tokens=c["streams8"]["lengths"],
+                                          exact_length=True),
+                "batch1": await run_set(m, prompts[: args.speed_n], None, valid, streams=1,
+                                        max_tokens=c["batch1"]["lengths"], exact_length=True)}
+        res[f"{kind}_unconstrained_same_length"] = same
+        print(kind, "unconstrained, same lengths", json.dumps(same), flush=True)
+        res[f"{kind}_ratio"] = {"batch1_decode": c["batch1"]["decode_tok_s"] / same["batch1"]["decode_tok_s"],
+                                "streams8_aggregate": c["streams8"]["aggregate_tok_s"] / same["streams8"]["aggregate_tok_s"]}
     m.close()
     if args.llama_cpp and "character" in args.sets:
         res["llama_cpp_character"] = llama_cpp_side(cfgs[NAME], sets["character"][0], MAX_TOKENS["character"],
@@ -171,7 +184,11 @@ def table(res: dict) -> str:
                     + " | ".join(f"{res[f'{k}_{label}']['batch1']['decode_tok_s']:.1f} / "
                                  f"{res[f'{k}_{label}']['streams8']['aggregate_tok_s']:.1f}" for k in kinds)
                     + " |")
-    rows.append("| constrained / unconstrained tok/s, batch 1 / 8 streams | "
+    rows.append("| decode tok/s unconstrained with the constrained replies' lengths, batch 1 / 8 streams aggregate | "
+                + " | ".join(f"{res[f'{k}_unconstrained_same_length']['batch1']['decode_tok_s']:.1f} / "
+                             f"{res[f'{k}_unconstrained_same_length']['streams8']['aggregate_tok_s']:.1f}" for k in kinds)
+                + " |")
+    rows.append("| constrained / unconstrained (same lengths) tok/s, batch 1 decode / 8 streams aggregate | "
                 + " | ".join(f"{res[f'{k}_ratio']['batch1_decode']:.2f} / {res[f'{k}_ratio']['streams8_aggregate']:.2f}"
                              for k in kinds) + " |")
     rows.append("| mask fill µs/token p50 / p99 | " + " | ".join(
@@ -183,6 +200,9 @@ def table(res: dict) -> str:
     c = res["compile"]
     rows.append(f"| compile ms: tokenizer bridge / Character cold / cached | {c['tokenizer_bridge_ms']:.0f} / "
                 f"{c['character_cold_ms']:.1f} / {c['character_cached_ms']:.3f} |" + " |" * (len(kinds) - 1))
+    rows.append("| tta constrained tok/s incl. prefill, batch 1 | " + " | ".join(
+        f"{res[f'{k}_constrained']['batch1']['mean_tokens'] * res[f'{k}_constrained']['batch1']['n'] / res[f'{k}_constrained']['batch1']['wall_s']:.1f}"
+        for k in kinds) + " |")
     lc = res.get("llama_cpp_character")
     if lc:
         rows.append(f"| llama-cpp-python JSON-schema grammar: valid / tok/s (incl. prefill, batch 1, {lc['n']} prompts) | "
