@@ -19,7 +19,7 @@ from typing import Any
 
 from .artifact import Artifact, artifact_dir, artifact_present, export_command, load_artifact
 from .config import ModelConfig
-from .errors import ArtifactError, ModelUnloadedError
+from .errors import ArtifactError, ConfigError, ModelUnloadedError
 from .generator import Completion, GenerationState, generate, generate_events
 from .inputs import check_prompt, check_prompt_size
 from .sampling import SamplingParams, params_from_kwargs
@@ -103,7 +103,8 @@ class LanguageModel:
         """Start the scheduler with ``options`` (max_batch, max_queue, prefix_cache_entries, ...)."""
         with self._lock:
             if self._scheduler is not None:
-                raise RuntimeError(f"the scheduler of {self.name!r} is already running")
+                raise ConfigError(f"the scheduler of {self.name!r} is already running: start_scheduler(...) "
+                                  "must come before the model's first async request")
             self._scheduler = self._new_scheduler(**options)
             return self._scheduler
 

@@ -283,3 +283,32 @@ def test_torch_fallback_with_bitsandbytes(tiny_dirs, quant):
     lp = p - np.log(np.exp(p - p.max()).sum()) - p.max()
     lq = q - np.log(np.exp(q - q.max()).sum()) - q.max()
     assert float((np.exp(lp) * (lp - lq)).sum()) < (0.01 if quant == "8bit" else 0.1)
+
+
+def test_async_requests_run_on_the_scheduler_started_once(lms):
+    from tta_engine.errors import ConfigError, ModelUnloadedError
+
+    class Borrowed:  # the shared fixture's backend, which this model's close() must not free
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            if name == "close":
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    base = lms("llama")
+    lm = LanguageModel("sched", Borrowed(base.backend), base.tokenizer, base.eos_ids, base.defaults, kind=base.kind)
+    sched = lm.start_scheduler(max_batch=2, prefix_cache_entries=0)
+    with pytest.raises(ConfigError, match="already running"):
+        lm.start_scheduler()
+
+    async def main():
+        return await asyncio.gather(*(lm.agenerate(MSGS, temperature=0, max_new_tokens=8) for _ in range(3)))
+
+    outs = asyncio.run(main())
+    assert lm.scheduler is sched and sched.steps > 0
+    assert {o["text"] for o in outs} == {base.generate(MSGS, temperature=0, max_new_tokens=8)["text"]}
+    lm.close()
+    with pytest.raises(ModelUnloadedError):
+        asyncio.run(lm.agenerate(MSGS, max_new_tokens=2))
