@@ -222,3 +222,22 @@ def test_sample_batch_rows_match_sample_token():
     assert sample_batch(xs, SamplingParams(temperature=0), make_rng(0)).tolist() == np.argmax(xs, -1).tolist()
     with pytest.raises(ValueError, match="one params"):
         sample_batch(xs, params[:2], make_rng(0))
+
+
+def test_masked_logits_sample_as_the_allowed_subvocabulary():
+    """Structured output masks with -inf: the draw equals a draw over the allowed tokens alone (same seed),
+    and never lands on a masked token; all masked falls back to argmax."""
+    from tta_engine.sampling import SamplingParams, sample_token
+
+    x = np.random.default_rng(3).standard_normal(5000).astype(np.float32) * 3
+    allowed = np.sort(np.random.default_rng(4).choice(5000, 40, replace=False))
+    masked = np.full_like(x, -np.inf)
+    masked[allowed] = x[allowed]
+    for params in (SamplingParams(temperature=0.7, top_p=0.95), SamplingParams(temperature=1.0),
+                   SamplingParams(temperature=0.9, top_k=10)):
+        for seed in range(50):
+            got = sample_token(masked, params, np.random.default_rng(seed))
+            sub = sample_token(x[allowed], params, np.random.default_rng(seed))
+            assert got == allowed[sub]
+    assert sample_token(np.full(8, -np.inf, dtype=np.float32), SamplingParams(temperature=1.0),
+                        np.random.default_rng(0)) == 0
