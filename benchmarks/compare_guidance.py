@@ -109,7 +109,7 @@ def transformers_side(cfg, runs: int) -> dict:
     t0 = time.perf_counter()
     hf_model = load_torch_causal_lm(cfg, resolved)
     tok = load_tokenizer(cfg, resolved)
-    model = guidance.models.Transformers(hf_model, tok, echo=False)
+    model = guidance.models.Transformers(hf_model, tok, echo=False, enable_monitoring=False)
     load = time.perf_counter() - t0
     return {"load_s": load, **time_runs(model, runs)}
 
@@ -125,7 +125,7 @@ def llamacpp_side(cfg, runs: int) -> dict | None:
 
     src = resolve_source(cfg)
     model = guidance.models.LlamaCpp(str(src.directory / src.gguf_file), n_ctx=2048, n_threads=2,
-                                     n_threads_batch=2, echo=False, verbose=False)
+                                     n_threads_batch=2, echo=False, enable_monitoring=False, verbose=False)
     return time_runs(model, runs)
 
 
