@@ -26,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,11 +50,14 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], url: str, ready, timeout: float = 300) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe nobody reads: llama.cpp logs ~100 KB at load and blocks on a full pipe
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{cmd[:4]} exited: {log.read()[-2000:]}")
         try:
             if ready(httpx.get(url, timeout=2)):
                 return proc
@@ -79,7 +83,7 @@ async def http_stream(http: httpx.AsyncClient, model: str, i: int, tokens: int, 
             "stream_options": {"include_usage": True}}
     if fixed:
         body["min_tokens"] = tokens
-    t0, ttft, n = time.perf_counter(), None, 0
+    t0, ttft, n, deltas = time.perf_counter(), None, 0, 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -88,9 +92,12 @@ async def http_stream(http: httpx.AsyncClient, model: str, i: int, tokens: int, 
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
-            elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - t0
-    return (ttft if ttft is not None else time.perf_counter() - t0), n
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                deltas += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    # llama_cpp.server sends no usage when streaming: there, one content delta is one token
+    return (ttft if ttft is not None else time.perf_counter() - t0), n or deltas
 
 
 async def http_round(url: str, model: str, clients: int, tokens: int, fixed: bool = True):
@@ -162,21 +169,32 @@ def main() -> int:
     ap.add_argument("--llama-python", default=os.environ.get("LLAMA_CPP_PYTHON"),
                     help="a python with llama-cpp-python[server] installed (default: this one)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only-llama-cpp", action="store_true", help="part 4 only (the two servers side by side)")
     args = ap.parse_args()
 
     cfgs = load_model_configs()
     cfg = cfgs[args.model]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; model {cfg.name} "
           f"({cfg.precision}); other processes share this machine", flush=True)
-    m = TransformersModelManager(cfgs, artifacts_root=args.artifacts)
-    m.load_model(cfg.name)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "tta_engine.cli", "serve", "--port", str(port), "--models", cfg.name]
     if args.artifacts:
         cmd += ["--artifacts", str(args.artifacts)]
-    server = start(cmd, url + "/health", lambda r: r.status_code == 200 and cfg.name in r.json()["loaded_models"])
     out: dict = {"model": cfg.name, "precision": cfg.precision, "tokens": args.tokens}
+    if not args.only_llama_cpp:
+        in_process_and_http(args, cfg, cmd, url, out)
+    llama_cpp_comparison(args, cfg, cmd, url, out)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def in_process_and_http(args, cfg, cmd, url, out) -> None:
+    """Parts 1-3: the server against the in-process manager, phases alternated."""
+    m = TransformersModelManager(load_model_configs(), artifacts_root=args.artifacts)
+    m.load_model(cfg.name)
+    server = start(cmd, url + "/health", lambda r: r.status_code == 200 and cfg.name in r.json()["loaded_models"])
     try:
         asyncio.run(http_round(url, cfg.name, 2, 8))  # warm-up both sides
         asyncio.run(local_throughput(m, cfg.name, 2, 8))
@@ -213,6 +231,9 @@ def main() -> int:
         stop(server)
     m.close()
 
+
+def llama_cpp_comparison(args, cfg, cmd, url, out) -> None:
+    """Part 4: tta-engine serve against python -m llama_cpp.server on the same GGUF, same clients."""
     print("\n4. vs llama-cpp-python's server, 8 clients")
     py = llama_python(args.llama_python)
     from tta_engine.sources import resolve_source
@@ -229,7 +250,10 @@ def main() -> int:
         lurl = f"http://127.0.0.1:{lport}"
         threads = str(os.cpu_count() or 2)
         lcmd = [py, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", cfg.name, "--host", "127.0.0.1",
-                "--port", str(lport), "--n_ctx", "4096", "--n_threads", threads, "--n_threads_batch", threads]
+                "--port", str(lport), "--n_ctx", "4096", "--n_threads", threads, "--n_threads_batch", threads,
+                # by default a new request interrupts the stream in progress: queue them instead (it
+                # serves one request at a time), so every client gets its whole reply
+                "--interrupt_requests", "False"]
         lserver = start(lcmd, lurl + "/v1/models", lambda r: r.status_code == 200)
         server = start(cmd, url + "/health", lambda r: r.status_code == 200 and cfg.name in r.json()["loaded_models"])
         try:
@@ -248,9 +272,6 @@ def main() -> int:
         finally:
             stop(server)
             stop(lserver)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
