@@ -55,7 +55,7 @@ def program():
     import guidance
     from guidance import assistant, gen, select, system, user
 
-    @guidance
+    @guidance(dedent=False)
     def scene(lm, line: str):
         with system():
             lm += LORE
