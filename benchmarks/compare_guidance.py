@@ -63,31 +63,35 @@ def program():
             lm += line
         with assistant():
             lm += "Mood: " + select(MOODS, name="mood") + "\n"
-            lm += "Narrator: " + gen("reply", max_tokens=40, stop="\n") + "\n"
+            # no stop string: every engine writes exactly 30 tokens here (unless its model ends the turn),
+            # so the engines do the same work although int4 and fp32 weights write different words
+            lm += "Narrator: " + gen("reply", max_tokens=30) + "\n"
             lm += "Calm level (1-9): " + gen("level", regex=r"[1-9]")
         return lm
 
     return scene
 
 
-def time_runs(model, runs: int) -> dict:
+def time_runs(model, runs: int, tokenizer=None) -> dict:
+    """``tokenizer``: a guidance tokenizer to count the reply's tokens with (the same for every engine)."""
     scene = program()
     times, outs = [], []
     for i in range(runs):
         t0 = time.perf_counter()
         out = model + scene(LINES[i % len(LINES)])
         times.append(time.perf_counter() - t0)
-        outs.append({"mood": out["mood"], "level": out["level"], "reply": out["reply"][:60]})
+        outs.append({"mood": out["mood"], "level": out["level"], "reply": out["reply"][:60],
+                     "reply_tokens": len(tokenizer.encode(out["reply"].encode())) if tokenizer else None})
     warm = times[1:] or times
     return {"first_s": times[0], "warm_median_s": statistics.median(warm), "warm_total_s": sum(warm),
-            "times_s": times, "sample": outs[0]}
+            "times_s": times, "sample": outs[0], "reply_tokens": [o["reply_tokens"] for o in outs]}
 
 
 def tta_side(manager, runs: int) -> dict:
     from tta_engine.integrations.guidance import TTAEngine, engine_of
 
     model = TTAEngine(NAME, manager)
-    res = time_runs(model, runs)
+    res = time_runs(model, runs, engine_of(model).tokenizer)
     # re-prefill on one fresh engine: tokens run through the model vs tokens the program ends with
     fresh = TTAEngine(NAME, manager)
     out = fresh + program()(LINES[0])
@@ -99,9 +103,11 @@ def tta_side(manager, runs: int) -> dict:
     return res
 
 
-def transformers_side(cfg, runs: int) -> dict:
+def transformers_side(cfg, runs: int, counter) -> dict:
     import guidance
     import torch
+    from tokenizers import Tokenizer as RustTokenizer
+    from tta_engine import structured
     from tta_engine.sources import load_tokenizer, load_torch_causal_lm, resolve_source
 
     torch.set_num_threads(2)
@@ -109,12 +115,18 @@ def transformers_side(cfg, runs: int) -> dict:
     t0 = time.perf_counter()
     hf_model = load_torch_causal_lm(cfg, resolved)
     tok = load_tokenizer(cfg, resolved)
+    # Transformers' GGUF converter gives SmolLM2's byte-level tokenizer a decoder Sequence that llguidance
+    # reads literally ('Ġ'): guidance then rejects its own forced tokens ("token ':' doesn't satisfy the
+    # grammar"). Apply the repair the engine applies (engine/structured.py) so the comparison can run.
+    state = json.loads(tok.backend_tokenizer.to_str())
+    structured._simplify_decoder(state)
+    tok._tokenizer = RustTokenizer.from_str(json.dumps(state))
     model = guidance.models.Transformers(hf_model, tok, echo=False, enable_monitoring=False)
     load = time.perf_counter() - t0
-    return {"load_s": load, **time_runs(model, runs)}
+    return {"load_s": load, **time_runs(model, runs, counter)}
 
 
-def llamacpp_side(cfg, runs: int) -> dict | None:
+def llamacpp_side(cfg, runs: int, counter) -> dict | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -126,7 +138,7 @@ def llamacpp_side(cfg, runs: int) -> dict | None:
     src = resolve_source(cfg)
     model = guidance.models.LlamaCpp(str(src.directory / src.gguf_file), n_ctx=2048, n_threads=2,
                                      n_threads_batch=2, echo=False, enable_monitoring=False, verbose=False)
-    return time_runs(model, runs)
+    return time_runs(model, runs, counter)
 
 
 def pydantic_ai_side(manager, runs: int) -> dict:
@@ -159,6 +171,11 @@ def table(res: dict) -> str:
                 f"{cell(t, 'warm_median_s')} | {cell(h, 'warm_median_s')} | {cell(lc, 'warm_median_s')} |")
     rows.append(f"| same, first run on a fresh model | {cell(t, 'first_s')} | {cell(h, 'first_s')} | "
                 f"{cell(lc, 'first_s')} |")
+
+    def toks(r):
+        return " ".join(str(n) for n in r["reply_tokens"]) if r else "n/a"
+
+    rows.append(f"| reply tokens per run (same work) | {toks(t)} | {toks(h)} | {toks(lc)} |")
     if h:
         rows.append(f"| tta-engine ÷ Transformers (warm median / first run) | "
                     f"{t['warm_median_s'] / h['warm_median_s']:.3f} / {t['first_s'] / h['first_s']:.3f} | | |")
@@ -194,15 +211,18 @@ def main(argv=None) -> dict:
     prefix = len(lm.encode_prompt([{"role": "system", "content": LORE}]))
     res: dict = {"machine": machine_info(), "prefix_tokens": prefix, "runs": args.runs}
     res["tta"] = tta_side(manager, args.runs)
+    from tta_engine.integrations.guidance import TTAGuidanceTokenizer
+
+    counter = TTAGuidanceTokenizer(lm.tokenizer, lm.eos_ids[0])  # counts every engine's reply tokens alike
     print("tta-engine", json.dumps(res["tta"]), flush=True)
     res["pydantic_ai"] = pydantic_ai_side(manager, args.pyai_runs)
     print("pydantic-ai", json.dumps(res["pydantic_ai"]), flush=True)
     manager.close()
     if args.transformers:
-        res["transformers"] = transformers_side(cfgs[NAME], args.runs)
+        res["transformers"] = transformers_side(cfgs[NAME], args.runs, counter)
         print("transformers", json.dumps(res["transformers"]), flush=True)
     if args.llama_cpp:
-        res["llamacpp"] = llamacpp_side(cfgs[NAME], args.runs)
+        res["llamacpp"] = llamacpp_side(cfgs[NAME], args.runs, counter)
     print(table(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))

@@ -99,6 +99,25 @@ def test_kv_reuse_gives_the_same_logits_as_a_fresh_prefill(manager):
     np.testing.assert_allclose(reused, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_a_short_prefix_request_keeps_the_longer_sequence_for_the_next_program(manager):
+    """guidance asks for the logits of a short prefix (a role start) before a program's whole prompt:
+    that must not throw away the prefix the previous program computed (it did: every run of a program
+    over a 300-token system prompt prefilled all of it again)."""
+    lm = TTAEngine(MODEL, manager)
+    eng = engine_of(lm)
+    long = eng.tokenizer.encode(b"You walk into the lantern-lit village. The baker waves. " * 3)
+    eng.get_logits(long)
+    before = eng.stats.prefilled_tokens
+    eng.get_logits(long[:3])  # recomputes its last position only
+    got = eng.get_logits(long + eng.tokenizer.encode(b" You wave back."))
+    assert got["n_cached"] == len(long)
+    assert eng.stats.prefilled_tokens - before == 1 + len(eng.tokenizer.encode(b" You wave back."))
+    ref = engine_of(TTAEngine(MODEL, manager)).get_logits(long + eng.tokenizer.encode(b" You wave back."))
+    np.testing.assert_allclose(got["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
+    eng.get_logits(long[:5] + [long[9]])  # a different token at position 5 overwrites: the tail is gone
+    assert eng.get_logits(long)["n_cached"] == 5
+
+
 def test_role_blocks_render_with_the_models_chat_template(manager):
     lm = TTAEngine(MODEL, manager)
     with system():

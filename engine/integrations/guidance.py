@@ -137,7 +137,8 @@ class TTAGuidanceEngine(Engine):
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._cache = None
-        self._cached_ids: list[int] = []
+        self._cached_ids: list[int] = []  # the tokens whose KV the cache holds (may run past its length)
+        self._logits_ids: list[int] = []  # the request ``_cached_logits`` answer
         self._cached_logits: np.ndarray | None = None
         eos = lm.eos_ids[0] if lm.eos_ids else getattr(lm.tokenizer, "eos_token_id", None)
         if eos is None:
@@ -147,6 +148,13 @@ class TTAGuidanceEngine(Engine):
                          enable_token_probabilities=False, enable_top_k=False, **kwargs)
 
     # the KV cache ------------------------------------------------------------------------------------
+    @property
+    def _tail_survives(self) -> bool:
+        """Whether positions past the cache's length keep their KV (a fused cache only sets its length)."""
+        from ..ort_decoder import FusedKVCache
+
+        return isinstance(self._cache, FusedKVCache)
+
     def _truncate(self, n: int) -> int:
         """Keep the first ``n`` cached positions; return how many are kept (0 when the cache had to be
         rebuilt)."""
@@ -177,7 +185,7 @@ class TTAGuidanceEngine(Engine):
         if self._cache is not None:
             self._cache.close()
         self._cache = self.backend.new_cache(1, capacity=256)
-        self._cached_ids, self._cached_logits = [], None
+        self._cached_ids, self._logits_ids, self._cached_logits = [], [], None
         self.stats.cache_resets += 1
 
     def get_logits(self, token_ids: list[int], include_all_uncached_tokens: bool = False) -> LogitsOutput:
@@ -189,10 +197,10 @@ class TTAGuidanceEngine(Engine):
             self.stats.calls += 1
             if self._cache is None:
                 self._reset()
+            if token_ids == self._logits_ids and self._cached_logits is not None:
+                self.stats.reused_tokens += len(token_ids)
+                return {"logits": self._cached_logits, "n_tokens": len(token_ids), "n_cached": len(token_ids)}
             num_cached = sum(takewhile(operator.truth, map(operator.eq, token_ids, self._cached_ids)))
-            if num_cached == len(token_ids) == len(self._cached_ids) and self._cached_logits is not None:
-                self.stats.reused_tokens += num_cached
-                return {"logits": self._cached_logits, "n_tokens": len(token_ids), "n_cached": num_cached}
             if num_cached == len(token_ids):
                 num_cached -= 1  # at least one token must run to produce its logits
             num_cached = self._truncate(num_cached)
@@ -206,7 +214,14 @@ class TTAGuidanceEngine(Engine):
             self.stats.prefilled_tokens += len(new)
             self.stats.reused_tokens += num_cached
             logits = self._fit_vocab(np.asarray(logits, dtype=np.float32).reshape(1, -1))
-            self._cached_ids = list(token_ids)
+            # The positions past the request stay in a fused cache's buffer (truncating only sets its
+            # length): when the tokens just written equal the ones held there, the rest of the old sequence
+            # is still valid and a later call that returns to it (guidance asks for a short prefix, e.g.
+            # a role start, before the whole prompt) reuses it instead of prefilling it again.
+            old = self._cached_ids
+            keep_tail = self._tail_survives and old[num_cached:len(token_ids)] == new
+            self._cached_ids = list(token_ids) + (old[len(token_ids):] if keep_tail else [])
+            self._logits_ids = list(token_ids)
             self._cached_logits = logits
             return {"logits": logits, "n_tokens": len(token_ids), "n_cached": num_cached}
 
@@ -224,7 +239,7 @@ class TTAGuidanceEngine(Engine):
         with self._lock:
             if self._cache is not None:
                 self._cache.close()
-            self._cache, self._cached_ids, self._cached_logits = None, [], None
+            self._cache, self._cached_ids, self._logits_ids, self._cached_logits = None, [], [], None
 
 
 # -- the guidance model ---------------------------------------------------------------------------------
