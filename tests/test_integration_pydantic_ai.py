@@ -91,7 +91,7 @@ def test_usage_of_a_run_equals_the_engines_counts(manager):
     before = manager.stats()[MODEL]
     result = agent.run_sync("How do you feel?", model_settings={"max_tokens": 60})
     after = manager.stats()[MODEL]
-    usage = result.usage()
+    usage = result.usage
     assert usage.input_tokens == after["prompt_tokens"] - before["prompt_tokens"]
     assert usage.output_tokens == after["completion_tokens"] - before["completion_tokens"]
     assert usage.requests == 1
@@ -164,7 +164,7 @@ def test_settings_are_honoured(manager):
     b = agent.run_sync("The lantern", model_settings={"max_tokens": 12, "temperature": 1.0, "seed": 7}).output
     assert a == b  # seeded
     r = agent.run_sync("The lantern", model_settings={"max_tokens": 3, "temperature": 0})
-    assert r.usage().output_tokens <= 3
+    assert r.usage.output_tokens <= 3
     # stop strings, on Model.request (an agent would retry an empty reply): same text as the engine's
     model = TTAEngineModel(MODEL, manager, **SMALL)
     msgs = [ModelRequest(parts=[UserPromptPart("The lantern")])]
