@@ -43,7 +43,10 @@ def test_load_unload_cycles_of_the_defaults_return_their_memory(default_artifact
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     after = json.loads(out.stdout.strip().splitlines()[-1])
-    assert max(after) - after[0] < 20, after
+    # bounded: no drift across cycles (the issue allows 50 MB over the first plateau). Measured with the
+    # fix: 85-87 MB here, 97 then a 116-118 MB plateau in a fresh-clone CI run (first-use caches);
+    # without it 85-185 and 94-144 MB.
+    assert max(after) - min(after) < 40, after
 
 
 def test_pin_is_skipped_when_the_user_tunes_malloc(monkeypatch):
