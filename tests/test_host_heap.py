@@ -43,10 +43,11 @@ def test_load_unload_cycles_of_the_defaults_return_their_memory(default_artifact
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     after = json.loads(out.stdout.strip().splitlines()[-1])
-    # bounded: no drift across cycles (the issue allows 50 MB over the first plateau). Measured with the
-    # fix: 85-87 MB here, 97 then a 116-118 MB plateau in a fresh-clone CI run (first-use caches);
-    # without it 85-185 and 94-144 MB.
-    assert max(after) - min(after) < 40, after
+    # The issue's bound: within 50 MB of the first plateau, i.e. after the first cycles' one-off growth
+    # (first-use caches: fresh-clone CI runs went 97 MB, then 117-124 MB). Measured over cycles 3-12: with
+    # the arena limit 85-87 MB here and at most +34 MB in CI; without it 85-185 MB.
+    plateau = after[2:]
+    assert max(plateau) - min(plateau) < 50, after
 
 
 def test_pin_is_skipped_when_the_user_tunes_malloc(monkeypatch):
