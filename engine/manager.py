@@ -297,7 +297,7 @@ class TransformersModelManager:
                 stats.requests += 1
 
             def ended(req, finished: bool, failed: bool) -> None:
-                self._record(stats, req.state, req, finished, failed)
+                self._record(stats, req, finished, failed)
 
             async for delta in entry.model.astream(prompt, state=state, response_format=response_format,
                                                    on_submit=submitted, on_end=ended, **kwargs):
@@ -305,7 +305,8 @@ class TransformersModelManager:
         finally:
             self._release(entry)
 
-    def _record(self, stats: ModelStats, st: GenerationState, req, finished: bool, failed: bool = False) -> None:
+    def _record(self, stats: ModelStats, req, finished: bool, failed: bool = False) -> None:
+        st = req.state
         if failed:
             stats.failed += 1
             return
