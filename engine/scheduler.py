@@ -33,10 +33,12 @@ A bounded queue guards admission: when it is full, ``submit`` raises OverloadedE
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -118,6 +120,20 @@ class PrefixCache:
         return sum(a.nbytes for keys, values in self.entries.values() for a in (*keys, *values))
 
 
+_live: weakref.WeakSet[BatchScheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_schedulers() -> None:
+    """Stop every scheduler thread before the interpreter finalizes. A daemon thread still inside an ONNX
+    Runtime call at that point (a decode step, the idle recompute of a finished reply) wakes up to a
+    finalized interpreter, which ends the thread by unwinding through ORT's C++ frames: the process then
+    dies in ``std::terminate`` (exit status 134) after its work succeeded. Closing finishes the current
+    step, fails what is queued (ModelUnloadedError) and joins the thread."""
+    for scheduler in list(_live):
+        scheduler.close()
+
+
 class BatchScheduler:
     def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 64, prefix_cache_entries: int = 8,
                  prefix_cache_bytes: int = 256 << 20, initial_capacity: int = 512, wide_step_rows: int = 0):
@@ -141,6 +157,7 @@ class BatchScheduler:
         self.steps = 0
         self.thread = threading.Thread(target=self._loop, name=f"tta-sched-{lm.name}", daemon=True)
         self.thread.start()
+        _live.add(self)
 
     # -- API ----------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[object], None],
@@ -181,11 +198,14 @@ class BatchScheduler:
             return not (self.pending or self.active or self._idle_work())
 
     def close(self) -> None:
+        """Stop the loop (queued and active requests fail with ModelUnloadedError), join its thread and
+        free the KV buffer. Idempotent."""
         with self.cond:
-            self.closed = True
+            was_closed, self.closed = self.closed, True
             self.cond.notify()
         self.thread.join()
-        if self.big is not None:
+        _live.discard(self)
+        if self.big is not None and not was_closed:
             self.big.close()
 
     # -- loop ---------------------------------------------------------------------------------------
