@@ -135,7 +135,7 @@ async def run_one(manager, lm: str, spec: Spec, timeout_s: float) -> Outcome:
                     return Outcome(spec, "cancelled", "".join(parts), first)
         status = await asyncio.wait_for(task, timeout_s)
         return Outcome(spec, status, "".join(parts), first)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return Outcome(spec, "lost", "".join(parts), first, "timed out")
     except TTAEngineError as exc:
         return Outcome(spec, "failed", "".join(parts), first, f"{type(exc).__name__}: {exc}")

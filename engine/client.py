@@ -156,7 +156,7 @@ class LLMClient:
             return await awaitable
         try:
             return await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError as exc:  # == TimeoutError on 3.11+
+        except TimeoutError as exc:  # == TimeoutError on 3.11+
             raise GenerationTimeoutError(
                 f"model {model_name!r} did not finish within {timeout:g} s; the request was cancelled "
                 "(decoding stopped). Raise the timeout (ClientModelConfig.timeout) or lower max_tokens."

@@ -160,7 +160,7 @@ def _write(job, precision: str, graph: Path, quant_meta: dict, figures: dict) ->
             "model": {"name": cfg.name, "model_id": cfg.model_id, "config_file": cfg.file},
             "precision": precision,
             "versions": _versions(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "export_seconds": round(time.perf_counter() - progress.t0, 1),
         })
         manifest = write_manifest(out, manifest)

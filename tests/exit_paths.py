@@ -19,6 +19,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
+
 class Mood(BaseModel):
     model_config = ConfigDict(extra="forbid")
     word: str = Field(max_length=8)

@@ -8,7 +8,6 @@ through ORT's C++ frames. Scheduler.close runs at exit now (engine/scheduler.py)
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys

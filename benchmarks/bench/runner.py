@@ -170,7 +170,7 @@ def run_bench(models: Sequence = DEFAULT_MODELS, out_dir: str | Path = "bench-re
     out_dir = Path(out_dir)
     settings = settings or (BenchSettings.quick() if quick else BenchSettings())
     results: dict[str, Any] = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "quick": quick,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "quick": quick,
         "machine": machine_info(), "settings": dataclasses.asdict(settings), "models": {}, "skipped": [],
         "rss_note": {"subprocess": "peak RSS = VmHWM of a fresh subprocess per engine that imports numpy, onnxruntime, "
                                    "torch and transformers, loads the engine (cold start, timed) and runs a little; "
