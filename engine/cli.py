@@ -249,7 +249,9 @@ def cmd_serve(args) -> int:
     # uvicorn drains on SIGTERM, then re-raises it under the handler found at start: exit 0 after the drain
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve(manager, args.host, args.port, api_key=api_key, preload=tuple(args.models),
-          max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace)
+          max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace,
+          allowed_hosts=tuple(args.allowed_hosts or ()), allowed_origins=tuple(args.allowed_origins or ()),
+          docs=args.docs, max_embedding_requests=args.max_embedding_requests)
     return 0
 
 
@@ -381,6 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies get 413")
     p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float, default=30.0,
                    help="seconds running requests may finish after SIGTERM before they are stopped")
+    p.add_argument("--allowed-hosts", dest="allowed_hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header names answered ('*': any); default: loopback names for a loopback bind, "
+                        "the bound address plus loopback for an address, any for 0.0.0.0 (DNS rebinding guard)")
+    p.add_argument("--allowed-origins", dest="allowed_origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="browser origins answered, with CORS (e.g. http://localhost:3000; '*': any); default: "
+                        "same-origin and pages on allowed hosts only")
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    p.add_argument("--max-embedding-requests", dest="max_embedding_requests", type=int, default=64,
+                   help="/v1/embeddings requests running or waiting before 429")
     p.set_defaults(func=cmd_serve)
 
     _add_bench(sub)

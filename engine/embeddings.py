@@ -107,6 +107,12 @@ class OrtEncoder:
     def encode(self, texts, batch_size: int = 32, normalize: bool | None = None) -> np.ndarray:
         """Tokenize everything at once, sort by *token* length (less padding than sorting by characters),
         run batches, pool, restore the input order, normalize."""
+        return self.encode_counted(texts, batch_size, normalize)[0]
+
+    def encode_counted(self, texts, batch_size: int = 32,
+                       normalize: bool | None = None) -> tuple[np.ndarray, list[int], list[bool]]:
+        """As ``encode``, plus each text's token count (after truncation) and whether the window
+        (``max_seq_length``) truncated it, from the one tokenization the encoding needs."""
         texts = check_texts(texts)
         enc = self.tokenizer.encode_batch(texts)
         ids = enc["input_ids"]
@@ -118,7 +124,7 @@ class OrtEncoder:
             out[idx] = self._forward([ids[i] for i in idx], {k: [v[i] for i in idx] for k, v in extra.items()})
         if self.normalize if normalize is None else normalize:
             out = l2_normalize(out)
-        return out
+        return out, [len(x) for x in ids], enc["truncated"]
 
     def close(self) -> None:
         self.session = None
@@ -147,6 +153,14 @@ class TorchEncoder:
         if self.normalize if normalize is None else normalize:
             out = l2_normalize(out)
         return out
+
+    def encode_counted(self, texts, batch_size: int = 32,
+                       normalize: bool | None = None) -> tuple[np.ndarray, list[int], list[bool]]:
+        """As ``OrtEncoder.encode_counted`` (the fallback tokenizes once more for the counts)."""
+        out = self.encode(texts, batch_size, normalize)
+        lengths = [len(x) for x in self.model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+        limit = self.max_seq_length or self.model.max_seq_length
+        return out, [min(n, limit) for n in lengths], [n > limit for n in lengths]
 
     def close(self) -> None:
         self.model = None

@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import ModelConfig, coerce_configs
 from .device import parse_device
-from .errors import ModelTypeError, UnknownModelError
+from .errors import InvalidInputError, ModelTypeError, UnknownModelError
 from .generator import Completion, GenerationState
 from .host_heap import limit_arenas, release_memory
 from .inputs import check_texts
@@ -360,7 +360,15 @@ class TransformersModelManager:
 
     def embed(self, texts, model_name: str = "sentence-transformers/all-MiniLM-L6-v2") -> np.ndarray:
         """Embeddings [n, dim] in the order of ``texts``; each distinct text is encoded once per call and
-        kept in an LRU of ``embedding_cache_size`` entries (any number of texts works, cache or not)."""
+        kept in an LRU of ``embedding_cache_size`` entries (any number of texts works, cache or not).
+        A text longer than the encoder's window is truncated to it, as sentence-transformers does."""
+        return self.embed_counted(texts, model_name)[0]
+
+    def embed_counted(self, texts, model_name: str = "sentence-transformers/all-MiniLM-L6-v2", *,
+                      truncate: bool = True) -> tuple[np.ndarray, int]:
+        """``embed`` plus the number of tokens encoded (the texts tokenized once, cached texts
+        included). ``truncate=False``: a text longer than the encoder's window raises
+        InvalidInputError naming it instead of being truncated."""
         texts = check_texts(texts)
         name = self._kind_of(model_name, "embedding")
         entry = self._ensure_loaded(name, acquire=True)
@@ -368,16 +376,24 @@ class TransformersModelManager:
             found = {t: self._emb_cache.get((name, t)) for t in dict.fromkeys(texts)}
             missing = [t for t, v in found.items() if v is None]
             if missing:
-                for t, v in zip(missing, entry.model.encode(missing), strict=True):
-                    found[t] = v
-                    self._emb_cache.put((name, t), v)
+                vecs, counts, cut = entry.model.encode_counted(missing)
+                for t, v, n, c in zip(missing, vecs, counts, cut, strict=True):
+                    found[t] = (v, n, c)
+                    self._emb_cache.put((name, t), found[t])
         finally:
             self._release(entry)
+        if not truncate:
+            over = [i for i, t in enumerate(texts) if found[t][2]]
+            if over:
+                window = getattr(entry.model, "max_seq_length", None)
+                raise InvalidInputError(
+                    f"input[{over[0]}] ({len(over)} of {len(texts)} texts) is longer than the {window}-token window "
+                    f"of {name!r}; shorten or split it, or allow truncation to the window (truncate=true)")
         stats = self._stats[name]
         with self._lock:
             stats.embeddings += len(texts)
             stats.embedding_cache_hits += len(texts) - len(missing)
-        return np.stack([found[t] for t in texts])
+        return np.stack([found[t][0] for t in texts]), sum(found[t][1] for t in texts)
 
     async def aget_embeddings(self, texts, model_name: str = "sentence-transformers/all-MiniLM-L6-v2"):
         return await asyncio.to_thread(self.get_embeddings, texts, model_name)

@@ -9,6 +9,7 @@ design note's callback form).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import inspect
 import logging
@@ -124,7 +125,9 @@ class LanguageModel:
         from .scheduler import stream_request
         from .structured import acompile_for_model
 
-        ids = self.encode_prompt(prompt)
+        # rendering and tokenizing a long prompt takes milliseconds to seconds: not on the event loop,
+        # where it would stall every other stream (the server's SSE responses among them)
+        ids = await asyncio.to_thread(self.encode_prompt, prompt)
         params = self.params(**kwargs)
         grammar = await acompile_for_model(self, response_format)
         st = state if state is not None else GenerationState(len(ids))

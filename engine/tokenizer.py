@@ -105,10 +105,11 @@ class Tokenizer:
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
-        """``input_ids``, ``attention_mask`` and ``token_type_ids`` of each text (no padding)."""
+        """``input_ids``, ``attention_mask`` and ``token_type_ids`` of each text (no padding), and
+        ``truncated``: whether truncation (``truncating``) cut the text."""
         encs = self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return {"input_ids": [e.ids for e in encs], "attention_mask": [e.attention_mask for e in encs],
-                "token_type_ids": [e.type_ids for e in encs]}
+                "token_type_ids": [e.type_ids for e in encs], "truncated": [bool(e.overflowing) for e in encs]}
 
     def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, Any]:
         if isinstance(text, str):

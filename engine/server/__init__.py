@@ -31,10 +31,14 @@ def create_app(manager, **kwargs):
 
 
 def build_server(manager, host: str = "127.0.0.1", port: int = 8000, *, shutdown_grace_s: float = 30.0,
-                 log_level: str = "info", **kwargs):
-    """A ``uvicorn.Server`` for the app; ``.run()`` blocks, ``.should_exit = True`` stops it."""
+                 log_level: str = "info", allowed_hosts=None, **kwargs):
+    """A ``uvicorn.Server`` for the app; ``.run()`` blocks, ``.should_exit = True`` stops it.
+    ``allowed_hosts``: default the names that reach ``host`` (hosts.py: loopback for a loopback bind)."""
+    from .hosts import default_allowed_hosts
+
     uvicorn = _require()
-    app = create_app(manager, shutdown_grace_s=shutdown_grace_s, **kwargs)
+    hosts = tuple(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
+    app = create_app(manager, shutdown_grace_s=shutdown_grace_s, allowed_hosts=hosts, **kwargs)
     lifecycle = app.state.lifecycle
 
     class Server(uvicorn.Server):

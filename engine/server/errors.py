@@ -1,14 +1,17 @@
 """Exceptions -> OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}`` and HTTP status.
 
 400 invalid parameters (SamplingParamError, EmptyInputError, InvalidRequest, validation, malformed JSON),
-400 ``context_length_exceeded``, 404 ``model_not_found``, 429 queue full (with Retry-After), 503 while a
-model cannot load or the server shuts down. Anything else is a bug: 500, in the same shape.
+400 ``context_length_exceeded``, 403 a Host / Origin not served (hosts.py), 404 ``model_not_found``, 429
+queue full (with Retry-After), 503 while a model cannot load, was unloaded under the request, or the server
+shuts down. Anything else is a bug: 500 in the same shape, with an id that the log's traceback carries
+(never the exception's text).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import uuid
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -61,6 +64,8 @@ def error_body(exc: BaseException) -> JSONResponse:
         return error_response(404, msg, "invalid_request_error", "model", "model_not_found")
     if isinstance(exc, E.ContextLengthError):
         return error_response(400, msg, "invalid_request_error", "messages", "context_length_exceeded")
+    if isinstance(exc, E.ModelUnloadedError):  # not the client's rate: the model went while it ran
+        return error_response(503, msg, "server_error", code="model_unloaded", headers={"Retry-After": "1"})
     if isinstance(exc, E.OverloadedError):
         return error_response(429, msg, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, ShuttingDown):
@@ -71,5 +76,7 @@ def error_body(exc: BaseException) -> JSONResponse:
         structured = type(exc).__name__ == "StructuredOutputError"  # a response_format that does not compile
         param = "response_format" if structured else getattr(exc, "param", None) or _param_of(msg)
         return error_response(400, msg, "invalid_request_error", param, "invalid_value")
-    log.error("internal error", exc_info=exc)
-    return error_response(500, f"internal error: {type(exc).__name__}: {msg}", "server_error")
+    error_id = uuid.uuid4().hex[:12]  # the traceback goes to the log under this id; the client gets the id
+    log.error("internal error %s", error_id, exc_info=exc)
+    return error_response(500, f"internal server error (id {error_id}); the server log has the details under "
+                          "this id", "server_error", code="internal_error")

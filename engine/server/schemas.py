@@ -29,6 +29,20 @@ def _unset(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {}
 
 
+MAX_STOP, MAX_STOP_CHARS = 4, 256  # OpenAI: up to 4 stop sequences; each checked on every delta
+
+
+def check_stop(stop: str | list[str]) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP:
+        raise InvalidRequest(f"stop has {len(stops)} strings; at most {MAX_STOP} are allowed", "stop")
+    long = [s for s in stops if len(s) > MAX_STOP_CHARS]
+    if long:
+        raise InvalidRequest(f"a stop string has {len(long[0])} characters; at most {MAX_STOP_CHARS} are allowed",
+                             "stop")
+    return stops
+
+
 class _Body(BaseModel):
     # extras are collected (not dropped) so that reject_extras() can name them
     model_config = ConfigDict(extra="allow")
@@ -91,7 +105,7 @@ class _Sampling(_Body):
                               "top_k": self.top_k, "repetition_penalty": self.repeat_penalty,
                               "min_new_tokens": self.min_tokens}
         if self.stop is not None:
-            kw["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+            kw["stop"] = check_stop(self.stop)
         if self.seed is not None:
             kw["seed"] = self.seed
         return {k: v for k, v in kw.items() if v is not None}
@@ -171,6 +185,9 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    # extension: a text longer than the encoder's window is truncated to it (sentence-transformers'
+    # behaviour) instead of answering 400
+    truncate: bool = False
 
     def texts(self) -> list[str]:
         self.reject_extras()
