@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,17 @@ class TransformersModelManager:
             if acquire:
                 entry.in_flight += 1
         return entry
+
+    @contextlib.contextmanager
+    def hold(self, model_name: str) -> Iterator[Any]:
+        """The loaded model (loaded if needed), kept from LRU eviction while the block runs: for callers
+        that drive the model themselves (the Guidance engine). Between blocks it may be evicted and is then
+        loaded again; compare the yielded object with the previous one to know."""
+        entry = self._ensure_loaded(self.resolve_name(model_name), acquire=True)
+        try:
+            yield entry.model
+        finally:
+            self._release(entry)
 
     def _release(self, entry: _Loaded) -> None:
         with self._lock:

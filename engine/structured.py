@@ -340,7 +340,10 @@ class GrammarState:
     def prepare(self) -> None:
         """Start computing the next step's mask in a worker thread (call before the forward pass)."""
         if self._pending is None and not self._fresh:
-            self._pending = _mask_pool().submit(self._fill)
+            try:
+                self._pending = _mask_pool().submit(self._fill)
+            except RuntimeError:  # the interpreter is exiting (the pool is shut down): wait() fills it inline
+                pass
 
     def wait(self) -> None:
         """Make sure the mask of the current state is in ``bitmask`` (waits for ``prepare``'s work)."""

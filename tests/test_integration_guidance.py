@@ -155,3 +155,26 @@ def test_bad_model_name_is_a_typed_error(manager):
 
     with pytest.raises(UnknownModelError):
         TTAEngine("no-such-model", manager)
+
+
+def test_lru_eviction_never_closes_the_model_under_a_guidance_program(artifacts, tiny_configs):
+    """The guidance model holds the manager's model only while it runs: eviction between calls (another
+    model loaded with max_loaded_models=1) reloads it; eviction during a call waits for it."""
+    from tta_engine.manager import TransformersModelManager
+
+    artifacts.get("tiny-qwen2", "fp32")
+    m = TransformersModelManager(tiny_configs, artifacts_root=artifacts.root / "auto", max_loaded_models=1)
+    try:
+        lm = TTAEngine(MODEL, m)
+        first = (lm + "Number: " + gen("n", regex=r"[0-9]{3}"))["n"]
+        m.load_model("tiny-qwen2")  # evicts tiny-llama: its session is closed
+        assert m.loaded_models == ["tiny-qwen2"]
+        again = (lm + "Number: " + gen("n", regex=r"[0-9]{3}"))["n"]  # loads tiny-llama again
+        assert again == first and MODEL in m.loaded_models
+        eng = engine_of(lm)
+        with m.hold(MODEL) as held:  # in use: loading the other model cannot evict it
+            m.load_model("tiny-qwen2")
+            assert MODEL in m.loaded_models and eng.get_logits([1, 2, 3])["logits"].shape[0] == 1
+            assert held is eng.lm
+    finally:
+        m.close()

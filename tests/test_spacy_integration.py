@@ -167,3 +167,37 @@ def test_llm_textcat_batches_concurrent_requests(lm_manager):
     # 64 requests of >= 1 token each: one at a time they need at least their token count in steps; here
     # rows share steps, so far fewer steps than tokens were decoded
     assert s["scheduler_steps"] - steps0 < (s["completion_tokens"] - tokens0) / 4, s
+
+
+def _failing_on(manager, monkeypatch, method: str, marker: str):
+    real = getattr(manager, method)
+
+    def fake(texts_or_msgs, *a, **k):
+        text = texts_or_msgs if isinstance(texts_or_msgs, list) and isinstance(texts_or_msgs[0], str) else \
+            [m["content"] for m in texts_or_msgs]
+        if any(marker in t for t in text):
+            raise ValueError(f"cannot process {marker}")
+        return real(texts_or_msgs, *a, **k)
+
+    monkeypatch.setattr(manager, method, fake)
+
+
+@pytest.mark.parametrize("component", ["tta_embeddings", "tta_textcat", "tta_entities"])
+def test_error_handler_gets_only_the_failing_doc_and_the_batch_goes_on(manager, monkeypatch, component):
+    config = {"tta_embeddings": {"model": EMB}, "tta_textcat": {"model": EMB, "labels": ["calm", "storm"]},
+              "tta_entities": {"model": LM, "labels": ["PLACE"], "max_tokens": 140, "max_entities": 1}}[component]
+    _failing_on(manager, monkeypatch, "complete" if component == "tta_entities" else "embed", "BROKEN")
+    texts = ["A calm lake.", "The BROKEN bridge.", "A storm at sea."]
+    nlp = spacy.blank("en")
+    nlp.add_pipe(component, config=config)
+    with pytest.raises(ValueError, match="BROKEN"):  # spaCy's default handler raises
+        list(nlp.pipe(texts))
+    seen = []
+    nlp.set_error_handler(lambda name, proc, docs, exc: seen.append((name, [d.text for d in docs], str(exc))))
+    out = list(nlp.pipe(texts))
+    assert [d.text for d in out] == ["A calm lake.", "A storm at sea."]
+    assert seen == [(component, ["The BROKEN bridge."], "cannot process BROKEN")]
+    if component == "tta_embeddings":
+        np.testing.assert_allclose(out[1].vector, manager.embed(["A storm at sea."], EMB)[0], rtol=1e-6)
+    elif component == "tta_textcat":
+        assert set(out[0].cats) == {"calm", "storm"}

@@ -127,10 +127,15 @@ class EngineStats:
 
 class TTAGuidanceEngine(Engine):
     """A guidance Engine over a loaded tta-engine ``LanguageModel``: one single-row KV cache reused across
-    calls (longest common token prefix; the rest is prefilled)."""
+    calls (longest common token prefix; the rest is prefilled).
 
-    def __init__(self, lm, *, chat_template=None, enable_backtrack: bool = True, enable_ff_tokens: bool = True,
-                 enable_monitoring: bool = False, **kwargs):
+    With ``manager``, every forward pass holds the model in the manager (``manager.hold``), so LRU
+    eviction cannot close its session mid-call; a model evicted between calls is loaded again and the
+    cache rebuilt on it."""
+
+    def __init__(self, lm, *, manager=None, chat_template=None, enable_backtrack: bool = True,
+                 enable_ff_tokens: bool = True, enable_monitoring: bool = False, **kwargs):
+        self.manager = manager
         self.lm = lm
         self.backend = lm.backend
         self.model = lm.name
@@ -193,6 +198,16 @@ class TTAGuidanceEngine(Engine):
         emits no others, so guidance's token probabilities are off for this engine)."""
         if not token_ids:
             raise TTAEngineError("guidance asked for logits of an empty token sequence")
+        if self.manager is None:
+            return self._logits(token_ids)
+        with self.manager.hold(self.model) as lm:
+            if lm is not self.lm:  # evicted (its session closed) and loaded again since the last call
+                with self._lock:
+                    self.lm, self.backend, self._cache = lm, lm.backend, None
+                    self._cached_ids, self._logits_ids, self._cached_logits = [], [], None
+            return self._logits(token_ids)
+
+    def _logits(self, token_ids: list[int]) -> LogitsOutput:
         with self._lock:
             self.stats.calls += 1
             if self._cache is None:
@@ -258,7 +273,7 @@ class TTAEngine(Model):
         lm, _ = manager.load_model(model_name)
         if not hasattr(lm, "backend"):
             raise TTAEngineError(f"model {model_name!r} is not a causal LM; guidance needs a text generator")
-        engine = TTAGuidanceEngine(lm, chat_template=chat_template, enable_backtrack=enable_backtrack,
+        engine = TTAGuidanceEngine(lm, manager=manager, chat_template=chat_template, enable_backtrack=enable_backtrack,
                                    enable_ff_tokens=enable_ff_tokens, enable_monitoring=enable_monitoring)
         super().__init__(interpreter=EngineInterpreter(engine),
                          sampling_params=SamplingParams() if sampling_params is None else sampling_params,

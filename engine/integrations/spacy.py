@@ -33,7 +33,7 @@ require("spacy", "spacy")
 
 from spacy.language import Language  # noqa: E402
 from spacy.tokens import Doc, Span  # noqa: E402
-from spacy.util import filter_spans  # noqa: E402
+from spacy.util import filter_spans, raise_error  # noqa: E402
 
 __all__ = ["EngineEmbeddings", "EngineEntities", "EngineTextCategorizer"]
 
@@ -53,12 +53,60 @@ def _manager(component) -> Any:
     return component.manager if component.manager is not None else default_manager()
 
 
+class _Component:
+    """spaCy's error-handling convention (``nlp.set_error_handler``; TrainablePipe's): a failure goes to
+    ``error_handler(name, component, docs, exc)`` (default: raise). When a batch fails, its docs are
+    retried one by one so that only the failing docs reach the handler (and are left out of the
+    stream, as spaCy's own components leave out a failed batch); the others are annotated and go on.
+    Subclasses define ``_annotate(docs)``."""
+
+    name: str
+    batch_size: int
+    _error_handler = staticmethod(raise_error)
+
+    def set_error_handler(self, error_handler) -> None:
+        self._error_handler = error_handler
+
+    def get_error_handler(self):
+        return self._error_handler
+
+    def _annotate(self, docs: list[Doc]) -> list[Exception | None]:
+        """Annotate ``docs``; per doc, None or the exception that doc alone failed with (a failure of
+        the whole call raises)."""
+        raise NotImplementedError
+
+    def __call__(self, doc: Doc) -> Doc:
+        """The doc annotated; on failure the handler decides (a handler that returns leaves it as is)."""
+        self._guarded([doc])
+        return doc
+
+    def pipe(self, stream: Iterable[Doc], batch_size: int | None = None) -> Iterator[Doc]:
+        for batch in _batches(stream, _batch_size(self, batch_size)):
+            yield from self._guarded(batch)
+
+    def _guarded(self, batch: list[Doc]) -> list[Doc]:
+        try:
+            failed = self._annotate(batch)
+        except Exception as exc:  # noqa: BLE001 - the handler decides (spaCy's convention)
+            if len(batch) == 1:
+                self._error_handler(self.name, self, batch, exc)
+                return []
+            return [d for doc in batch for d in self._guarded([doc])]
+        ok = []
+        for doc, exc in zip(batch, failed, strict=True):
+            if exc is None:
+                ok.append(doc)
+            else:
+                self._error_handler(self.name, self, [doc], exc)
+        return ok
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     return float(np.dot(a, b) / (na * nb)) if na and nb else 0.0
 
 
-class EngineEmbeddings:
+class EngineEmbeddings(_Component):
     """Vectors from the engine encoder for Docs (computed per batch) and Spans/Tokens (on first access,
     cached by the manager), with cosine ``similarity``."""
 
@@ -68,17 +116,13 @@ class EngineEmbeddings:
     def embed(self, texts: list[str]) -> np.ndarray:
         return _manager(self).embed(texts, self.model)
 
-    def __call__(self, doc: Doc) -> Doc:
-        return next(self.pipe([doc]))
-
-    def pipe(self, stream: Iterable[Doc], batch_size: int | None = None) -> Iterator[Doc]:
+    def _annotate(self, docs: list[Doc]) -> list[Exception | None]:
         """One embed call per batch of docs (see ``_batch_size``)."""
-        for batch in _batches(stream, _batch_size(self, batch_size)):
-            nonempty = [d for d in batch if d.text.strip()]
-            vecs = self.embed([d.text for d in nonempty]) if nonempty else []
-            for doc, vec in zip(nonempty, vecs, strict=True):
-                self._set_hooks(doc, vec)
-            yield from batch
+        nonempty = [d for d in docs if d.text.strip()]
+        vecs = self.embed([d.text for d in nonempty]) if nonempty else []
+        for doc, vec in zip(nonempty, vecs, strict=True):
+            self._set_hooks(doc, vec)
+        return [None] * len(docs)
 
     def _span_vector(self, span) -> np.ndarray:
         text = span.text
@@ -107,7 +151,7 @@ class EngineEmbeddings:
         doc.user_token_hooks["similarity"] = similarity
 
 
-class EngineTextCategorizer:
+class EngineTextCategorizer(_Component):
     """``doc.cats`` over ``labels``: a softmax of cosine to label prototypes (``mode="prototype"``) or the
     LLM's constrained choice (1.0 for the chosen label, ``mode="llm"``)."""
 
@@ -128,17 +172,12 @@ class EngineTextCategorizer:
         chosen = run_sync(choose_labels(_manager(self), self.llm_model, texts, self.labels, self.instruction))
         return [{lab: float(lab == c) for lab in self.labels} for c in chosen]
 
-    def __call__(self, doc: Doc) -> Doc:
-        return next(self.pipe([doc]))
-
-    def pipe(self, stream: Iterable[Doc], batch_size: int | None = None) -> Iterator[Doc]:
+    def _annotate(self, docs: list[Doc]) -> list[Exception | None]:
         """One embed call (prototype mode) or one set of concurrent LLM requests (llm mode) per batch."""
-        for batch in _batches(stream, _batch_size(self, batch_size)):
-            nonempty = [d for d in batch if d.text.strip()]
-            for doc, cats in zip(nonempty, self.scores([d.text for d in nonempty]) if nonempty else [],
-                                 strict=True):
-                doc.cats.update(cats)
-            yield from batch
+        nonempty = [d for d in docs if d.text.strip()]
+        for doc, cats in zip(nonempty, self.scores([d.text for d in nonempty]) if nonempty else [], strict=True):
+            doc.cats.update(cats)
+        return [None] * len(docs)
 
 
 def candidate_spans(doc: Doc, max_tokens: int) -> dict[str, tuple[int, int]]:
@@ -156,7 +195,7 @@ def candidate_spans(doc: Doc, max_tokens: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-class EngineEntities:
+class EngineEntities(_Component):
     """Entities chosen by the LLM under a JSON schema ``{"entities": [{"text", "label"}]}`` where ``text``
     is one of the doc's token n-grams and ``label`` one of ``labels``."""
 
@@ -194,7 +233,7 @@ class EngineEntities:
                                             raw_text=c["text"])
             return json.loads(c["text"])["entities"]
 
-        return list(await asyncio.gather(*(one(d) for d in docs)))
+        return list(await asyncio.gather(*(one(d) for d in docs), return_exceptions=True))
 
     def spans(self, doc: Doc, found: list[dict[str, str]]) -> list[Span]:
         """Align each found text with the doc (``doc.char_span`` on its first unused occurrence)."""
@@ -217,15 +256,19 @@ class EngineEntities:
         new = [s for s in spans if all(s.end <= a or s.start >= b for a, b in taken)]
         doc.ents = sorted([*doc.ents, *new], key=lambda s: s.start)
 
-    def __call__(self, doc: Doc) -> Doc:
-        return next(self.pipe([doc]))
-
-    def pipe(self, stream: Iterable[Doc], batch_size: int | None = None) -> Iterator[Doc]:
-        """The docs of a batch go to the engine as concurrent requests (decoded in shared steps)."""
-        for batch in _batches(stream, _batch_size(self, batch_size)):
-            for doc, found in zip(batch, run_sync(self._extract(batch)), strict=True):
-                self._write(doc, self.spans(doc, found))
-            yield from batch
+    def _annotate(self, docs: list[Doc]) -> list[Exception | None]:
+        """The docs of a batch go to the engine as concurrent requests (decoded in shared steps); a doc
+        whose request failed fails alone."""
+        failed: list[Exception | None] = []
+        for doc, found in zip(docs, run_sync(self._extract(docs)), strict=True):
+            if isinstance(found, BaseException):
+                if not isinstance(found, Exception):
+                    raise found  # cancellation and the like are not a doc's failure
+                failed.append(found)
+                continue
+            self._write(doc, self.spans(doc, found))
+            failed.append(None)
+        return failed
 
 
 @Language.factory("tta_embeddings", default_config={"model": DEFAULT_EMBEDDING_MODEL, "batch_size": 256})
