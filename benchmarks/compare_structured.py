@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench.report import machine_info  # noqa: E402
 from game_models import TOOLS, Character, character_prompts, tool_prompts  # noqa: E402
-from tta_engine import structured  # noqa: E402
+from tta_engine import structured, tool_calls  # noqa: E402
 from tta_engine.config import load_model_configs  # noqa: E402
 from tta_engine.errors import StructuredOutputError  # noqa: E402
 from tta_engine.manager import TransformersModelManager  # noqa: E402
@@ -55,7 +55,7 @@ def valid_character(text: str, constrained: bool) -> bool:
 
 def valid_tool(text: str, constrained: bool) -> bool:
     try:
-        structured.parse_tool_call(text, TOOLS)
+        tool_calls.parse_tool_call(text, TOOLS)
         return True
     except StructuredOutputError:
         return False
@@ -139,7 +139,7 @@ async def main_async(args) -> dict:
     m = TransformersModelManager(cfgs, artifacts_root=args.artifacts_root, max_batch=8)
     lm, _ = m.load_model(NAME)
     res: dict = {"machine": machine_info(), "compile": compile_times(lm), "max_tokens": MAX_TOKENS}
-    sets = {"tool": (tool_prompts(args.n), structured.tool_call_format(TOOLS), valid_tool),
+    sets = {"tool": (tool_prompts(args.n), tool_calls.tool_call_format(TOOLS), valid_tool),
             "character": (character_prompts(args.n), Character, valid_character)}
     await m.complete(sets["tool"][0][0], NAME, max_tokens=8)  # warm-up
     for kind, (prompts, fmt, valid) in sets.items():

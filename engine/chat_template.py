@@ -72,6 +72,22 @@ def compile_template(source: str):
                                 "in the source model and re-export it") from exc
 
 
+@lru_cache(maxsize=16)
+def uses_tools(template: str | None) -> bool:
+    """Whether ``template`` reads the ``tools`` variable (has a tools section, as Qwen's and Llama 3.1's do)."""
+    if not template:
+        return False
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return "tools" in meta.find_undeclared_variables(jinja2.Environment(
+            extensions=[_generation_extension(), jinja2.ext.loopcontrols]).parse(template))
+    except jinja2.TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"the model's chat template does not compile ({exc}); fix the template "
+                                "in the source model and re-export it") from exc
+
+
 def plain_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
     """The prompt of a model without a chat template: ``role: content`` lines (+ ``assistant:``)."""
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)

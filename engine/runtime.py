@@ -16,14 +16,17 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .artifact import Artifact, artifact_dir, artifact_present, export_command, load_artifact
 from .config import ModelConfig
-from .errors import ArtifactError, ConfigError, ModelUnloadedError
+from .errors import ArtifactError, ConfigError, InvalidInputError, ModelUnloadedError
 from .generator import Completion, GenerationState, generate, generate_events
 from .inputs import check_prompt, check_prompt_size
 from .sampling import SamplingParams, params_from_kwargs
+
+if TYPE_CHECKING:
+    from .tool_calls import ToolSet
 
 log = logging.getLogger(__name__)
 Messages = Sequence[dict[str, str]]
@@ -46,14 +49,34 @@ class LanguageModel:
         self._token_chars: int | None = None
 
     # -- prompts ------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | Messages) -> list[int]:
-        """A string is used as raw text; a list of messages is rendered with the model's chat template.
-        Invalid prompts raise InvalidInputError / EmptyInputError (engine/inputs.py)."""
+    def encode_prompt(self, prompt: str | Messages, tools: ToolSet | None = None) -> list[int]:
+        """A string is used as raw text; a list of messages is rendered with the model's chat template
+        (with ``tools`` in it: into the template's tools section where it has one, else as a system hint;
+        engine/tool_calls.py). Invalid prompts raise InvalidInputError / EmptyInputError (engine/inputs.py)."""
         prompt = check_prompt(prompt)
+        if tools is not None:
+            if isinstance(prompt, str):
+                raise InvalidInputError("tools need a chat prompt (a list of messages), not raw text; pass "
+                                        "messages or leave tools out")
+            from .chat_template import uses_tools
+
+            prompt, template_tools = tools.messages(prompt, uses_tools(self.tokenizer.chat_template))
+            check_prompt_size(prompt, self.backend.context_length, self._max_token_chars())
+            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tools=template_tools)
         check_prompt_size(prompt, self.backend.context_length, self._max_token_chars())
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+
+    @staticmethod
+    def _constraint(response_format: Any, tools: ToolSet | None) -> Any:
+        """The request's constraint: ``response_format``, or the tools' call grammar."""
+        if tools is None:
+            return response_format
+        if response_format is not None:
+            raise InvalidInputError("give tools or response_format, not both (a ToolSet's final= is the "
+                                    "structured answer of a request with tools)")
+        return tools.response_format()
 
     def _max_token_chars(self) -> int:
         """Characters of the longest vocabulary entry (0: unknown, no size check before tokenizing)."""
@@ -67,13 +90,14 @@ class LanguageModel:
 
     # -- sync ---------------------------------------------------------------------------------------
     def events(self, prompt: str | Messages, state: GenerationState | None = None, response_format: Any = None,
-               **kwargs) -> Iterator[str]:
-        """Text deltas; ``response_format`` constrains the output (engine/structured.py)."""
-        ids = self.encode_prompt(prompt)
+               tools: ToolSet | None = None, **kwargs) -> Iterator[str]:
+        """Text deltas; ``response_format`` constrains the output (engine/structured.py); ``tools`` offers
+        tools (engine/tool_calls.py: the reply is prose and/or calls in the tool-call format)."""
+        ids = self.encode_prompt(prompt, tools)
         params = self.params(**kwargs)
         return generate_events(self.backend, self.tokenizer, ids, params, self.eos_ids,
                                state=state if state is not None else GenerationState(len(ids)),
-                               grammar=self._grammar(response_format))
+                               grammar=self._grammar(self._constraint(response_format, tools)))
 
     def _grammar(self, response_format: Any):
         if response_format is None:
@@ -82,9 +106,10 @@ class LanguageModel:
 
         return compile_for_model(self, response_format)
 
-    def generate(self, prompt: str | Messages, response_format: Any = None, **kwargs) -> Completion:
-        return generate(self.backend, self.tokenizer, self.encode_prompt(prompt), self.params(**kwargs),
-                        self.eos_ids, grammar=self._grammar(response_format))
+    def generate(self, prompt: str | Messages, response_format: Any = None, tools: ToolSet | None = None,
+                 **kwargs) -> Completion:
+        return generate(self.backend, self.tokenizer, self.encode_prompt(prompt, tools), self.params(**kwargs),
+                        self.eos_ids, grammar=self._grammar(self._constraint(response_format, tools)))
 
     def stream(self, prompt: str | Messages, **kwargs) -> Iterator[str]:
         """Text deltas; ``close()`` the iterator (or break out of a for loop) to stop decoding."""
@@ -117,7 +142,7 @@ class LanguageModel:
         return BatchScheduler(self, **options)
 
     async def astream(self, prompt: str | Messages, state: GenerationState | None = None, response_format: Any = None,
-                      *, on_submit: Callable | None = None, on_end: Callable | None = None,
+                      *, tools: ToolSet | None = None, on_submit: Callable | None = None, on_end: Callable | None = None,
                       **kwargs) -> AsyncIterator[str]:
         """Async iterator of text deltas, decoded by the model's scheduler (batched with every other
         async request to this model). Closing the iterator or cancelling its task stops the request at
@@ -127,9 +152,9 @@ class LanguageModel:
 
         # rendering and tokenizing a long prompt takes milliseconds to seconds: not on the event loop,
         # where it would stall every other stream (the server's SSE responses among them)
-        ids = await asyncio.to_thread(self.encode_prompt, prompt)
+        ids = await asyncio.to_thread(self.encode_prompt, prompt, tools)
         params = self.params(**kwargs)
-        grammar = await acompile_for_model(self, response_format)
+        grammar = await acompile_for_model(self, self._constraint(response_format, tools))
         st = state if state is not None else GenerationState(len(ids))
         async for delta in stream_request(self.scheduler, ids, params, st, grammar,
                                           on_submit=on_submit, on_end=on_end):

@@ -18,8 +18,8 @@ from the ``tokenizer.json`` state of a Hugging Face ``tokenizers.Tokenizer`` (or
 so no Transformers import is needed. Compiled grammars are cached per (tokenizer, grammar); each request
 gets a cheap deep copy of the compiled matcher.
 
-Tool calls in the game's format ``<tool>NAME</tool><parameters>{JSON}</parameters>``:
-:func:`tool_call_format` builds the constraint, :func:`parse_tool_call` parses and validates the result.
+Tool calls (``<tool>NAME</tool><parameters>{JSON}</parameters>``) are built on this module in
+engine/tool_calls.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -453,103 +452,6 @@ def _check_schema(value: Any, schema: Any, text: str) -> None:
                                     raw_text=text) from exc
     except jsonschema.SchemaError as exc:
         raise StructuredOutputError(f"the JSON Schema is invalid: {exc.message}", raw_text=text) from exc
-
-
-# --- tool calls in the game's format -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A parsed tool call: ``arguments`` is the validated JSON object; ``parsed`` the Pydantic instance
-    when the tool was given as a Pydantic model (else None)."""
-
-    name: str
-    arguments: dict[str, Any]
-    parsed: Any = None
-
-
-def _tool_items(tools: Any) -> list[tuple[str, Any]]:
-    if not isinstance(tools, Mapping) or not tools:
-        raise StructuredOutputError("tools must be a non-empty mapping of tool name -> parameters JSON Schema "
-                                    "dict or Pydantic model class")
-    items = []
-    for name, params in tools.items():
-        if not isinstance(name, str) or not name or "<" in name or not name.isprintable():
-            raise StructuredOutputError(f"invalid tool name {name!r}: a non-empty printable string without '<'")
-        items.append((name, params))
-    return items
-
-
-def tool_call_format(tools: Mapping[str, Any], text_first: bool = False) -> dict[str, str]:
-    """A ``response_format`` that lets the model emit exactly one call, in the game's format
-    ``<tool>NAME</tool><parameters>{JSON}</parameters>``, to one of ``tools`` (name -> parameters JSON
-    Schema dict or Pydantic model class) with parameters valid for that tool. With ``text_first`` the
-    call may be preceded by free text (which cannot contain ``<``)."""
-    rules, alts = [], []
-    for i, (name, params) in enumerate(_tool_items(tools)):
-        schema = _with_json_options(_schema_text(params, f"tool {name!r} parameters"))
-        alts.append(f"call_{i}")
-        rules.append(f'call_{i}: "<tool>" {_lark_string(name)} "</tool><parameters>" params_{i} "</parameters>"')
-        rules.append(f"params_{i}: %json {schema}")
-    start = "start: TEXT call" if text_first else "start: call"
-    lines = [start, "call: " + " | ".join(alts), *rules]
-    if text_first:
-        lines.append("TEXT: /[^<]*/")
-    return {"type": "grammar", "lark": "\n".join(lines)}
-
-
-_CALL_HEAD = re.compile(r"<tool>(.*?)</tool>\s*<parameters>\s*", re.DOTALL)
-_CALL_END = re.compile(r"\s*</parameters>")
-_JSON = json.JSONDecoder()
-
-
-def _find_call(text: str) -> tuple[str, str] | None:
-    """(name, parameters text) of the first call. The parameters are read as one JSON value, so a string
-    argument may itself contain ``</parameters>`` (the grammar allows it; a model wrote one); when no
-    JSON value is there, the text up to the next ``</parameters>`` (which then fails as "not JSON")."""
-    for m in _CALL_HEAD.finditer(text):
-        try:
-            _, end = _JSON.raw_decode(text, m.end())
-        except json.JSONDecodeError:
-            end = None
-        if end is not None and _CALL_END.match(text, end) is not None:
-            return m.group(1), text[m.end():end]
-        close = text.find("</parameters>", m.end())
-        if close >= 0:
-            return m.group(1), text[m.end():close]
-    return None
-
-
-def parse_tool_call(text: str, tools: Mapping[str, Any]) -> ToolCall:
-    """The first ``<tool>NAME</tool><parameters>{JSON}</parameters>`` of ``text``, validated against
-    ``tools``; raises :class:`StructuredOutputError` (with ``raw_text``) when there is none, the tool is not
-    listed, or the parameters do not validate."""
-    known = dict(_tool_items(tools))
-    found = _find_call(text)
-    if found is None:
-        raise StructuredOutputError("no <tool>NAME</tool><parameters>{...}</parameters> call in the output",
-                                    raw_text=text)
-    name, raw = found[0].strip(), found[1]
-    if name not in known:
-        raise StructuredOutputError(f"the output calls unknown tool {name!r}; tools: {', '.join(known)}",
-                                    raw_text=text)
-    params = known[name]
-    try:
-        arguments = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise StructuredOutputError(f"the parameters of tool {name!r} are not JSON: {exc}", raw_text=text) from exc
-    if not isinstance(arguments, dict):
-        raise StructuredOutputError(f"the parameters of tool {name!r} are not a JSON object", raw_text=text)
-    if _is_pydantic_model(params):
-        from pydantic import ValidationError
-
-        try:
-            parsed = params.model_validate(arguments)
-        except ValidationError as exc:
-            raise StructuredOutputError(f"the parameters of tool {name!r} do not validate: {exc}",
-                                        raw_text=text) from exc
-        return ToolCall(name, arguments, parsed)
-    _check_schema(arguments, json.loads(_schema_text(params, f"tool {name!r} parameters")), text)
-    return ToolCall(name, arguments)
 
 
 def compile_for_model(lm: Any, response_format: Any) -> CompiledGrammar | None:

@@ -180,7 +180,7 @@ def test_structured_character_and_tool_calls_are_always_valid_on_int4(real):
     the 135M default: every output validates."""
     from game_models import TOOLS, Character, character_prompts, tool_prompts
     from tta_engine.manager import TransformersModelManager
-    from tta_engine.structured import parse_tool_call, tool_call_format
+    from tta_engine.tool_calls import parse_tool_call, tool_call_format
 
     root, cfgs, _ = real
     m = TransformersModelManager(cfgs, artifacts_root=root)

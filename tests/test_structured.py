@@ -19,9 +19,8 @@ from tta_engine.structured import (
     JSON_OPTIONS,
     compile_for_model,
     ll_tokenizer,
-    parse_tool_call,
-    tool_call_format,
 )
+from tta_engine.tool_calls import parse_tool_call, tool_call_format
 
 llguidance = pytest.importorskip("llguidance")
 MSGS = [{"role": "user", "content": "The lantern flickers in the forest."}]
@@ -293,39 +292,6 @@ def test_stop_strings_prefix_reuse_and_wide_steps_with_constraints(artifacts, ti
     assert m.stats()["tiny-llama"]["reused_prompt_tokens"] > 0
     for w in wide:
         check_output("lark", w["text"])
-
-
-def test_tool_calls_parse_and_validate(tiny):
-    lm, _ = tiny
-    rf = tool_call_format(TOOLS, text_first=True)
-    outs = [lm.generate(MSGS, response_format=rf, max_new_tokens=120, temperature=1.0, seed=s) for s in range(6)]
-    for o in outs:  # free text (no "<") then, unless max_tokens came first, one call
-        head, _, _ = o["text"].partition("<tool>")
-        assert "<" not in head
-    out = next(o for o in outs if o["finish_reason"] == "stop")
-    call = parse_tool_call(out["text"], TOOLS)
-    assert call.name in TOOLS
-    if call.name == "rate":
-        assert isinstance(call.parsed, Mood)
-    good = '<tool>move</tool><parameters>{"to": "north"}</parameters>'
-    assert parse_tool_call("I go. " + good, TOOLS) == parse_tool_call(good, TOOLS)
-    assert parse_tool_call(good, TOOLS).arguments == {"to": "north"}
-    # a string argument may contain the closing tag (grammar-valid; SmolLM2 wrote one in the benchmark)
-    tricky = '<tool>move</tool><parameters>{"to": "north", "note": "a</parameters>b"}</parameters> then'
-    assert parse_tool_call(tricky, {"move": {"type": "object", "properties": {"to": {"type": "string"},
-                                                                             "note": {"type": "string"}}}}
-                           ).arguments == {"to": "north", "note": "a</parameters>b"}
-    bad = ['<tool>fly</tool><parameters>{"to": "north"}</parameters>',  # not a listed tool
-           '<tool>move</tool><parameters>{"to": "up"}</parameters>',  # invalid parameters
-           '<tool>move</tool><parameters>{"to": </parameters>',  # not JSON
-           '<tool>rate</tool><parameters>{"mood": "sad", "level": 3, "tags": [], "note": ""}</parameters>',
-           "no call at all"]
-    for text in bad:
-        with pytest.raises(StructuredOutputError) as err:
-            parse_tool_call(text, TOOLS)
-        assert err.value.raw_text == text
-    with pytest.raises(StructuredOutputError, match="tool name"):
-        tool_call_format({"<bad>": {}})
 
 
 def test_bridge_needs_only_tokenizer_json_and_compiles_are_cached(tiny):

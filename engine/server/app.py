@@ -24,8 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import OverloadedError, TTAEngineError
+from ..errors import OverloadedError, StructuredOutputError, TTAEngineError
 from ..generator import GenerationState
+from ..tool_calls import ToolCallStream, parse_tool_calls
 from .errors import ShuttingDown, error_body, error_response
 from .hosts import LOOPBACK, HostPolicy
 from .metrics import ServerMetrics
@@ -177,6 +178,17 @@ class _Guard:
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the texts of one /v1/embeddings request
 
 
+def _finish(state: GenerationState, called: bool) -> str | None:
+    """OpenAI's finish reason: "tool_calls" when the reply ended (not cut off by max_tokens) with calls."""
+    return "tool_calls" if called and state.finish_reason == "stop" else state.finish_reason
+
+
+def _call_item(call) -> dict:
+    """A parsed ToolCall as an OpenAI ``tool_calls`` item."""
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+
+
 class ClientGone(Exception):
     """The client disconnected before its response was sent."""
 
@@ -281,6 +293,23 @@ def create_app(manager, *, api_key: str | None = None, max_body_bytes: int = 4 <
             metrics.completion(name, c)
             return dict(c["usage"])
 
+        tools = kwargs.get("tools")
+        schemas = tools.schemas() if tools is not None else None
+
+        def message(text: str) -> tuple[dict, str | None]:
+            """The assistant message of a finished reply, and its finish reason."""
+            if schemas is None:
+                return {"role": "assistant", "content": text}, state.finish_reason
+            try:
+                reply = parse_tool_calls(text, schemas)
+            except StructuredOutputError:  # cut off inside a call (max_tokens): the text as it is
+                return {"role": "assistant", "content": text}, state.finish_reason
+            if not reply.calls:
+                return {"role": "assistant", "content": text}, state.finish_reason
+            # complete calls are returned; a call cut off by max_tokens is dropped (finish_reason "length")
+            return ({"role": "assistant", "content": reply.text or None,
+                     "tool_calls": [_call_item(c) for c in reply.calls]}, _finish(state, True))
+
         handle = _Handle(lifecycle, manager.astream(prompt, name, state=state, **kwargs))
         if not body.stream:
             async def collect() -> str:
@@ -295,8 +324,8 @@ def create_app(manager, *, api_key: str | None = None, max_body_bytes: int = 4 <
 
             text = await _unless_gone(request, collect())
             u = usage()
-            ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": state.finish_reason} if kind == "chat" else
+            msg, finish = message(text)
+            ch = ({"index": 0, "message": msg, "logprobs": None, "finish_reason": finish} if kind == "chat" else
                   {"index": 0, "text": text, "logprobs": None, "finish_reason": state.finish_reason})
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": body.model,
                                  "choices": [ch], "usage": u})
@@ -320,20 +349,49 @@ def create_app(manager, *, api_key: str | None = None, max_body_bytes: int = 4 <
             return _sse({"id": rid, "object": chunk_obj, "created": created, "model": body.model,
                          "choices": choices, **extra})
 
+        splitter = ToolCallStream(schemas) if schemas is not None else None
+
+        def deltas(delta: str):
+            """The chunks of one text delta: as is, or (with tools) prose deltas and whole tool calls."""
+            if splitter is None:
+                yield chunk([choice(delta, None)])
+                return
+            for kind_, value in splitter.feed(delta):
+                if kind_ == "text":
+                    yield chunk([choice(value, None)])
+                else:
+                    item = {"index": len(splitter.calls) - 1, **_call_item(value)}
+                    yield chunk([{"index": 0, "delta": {"tool_calls": [item]}, "logprobs": None,
+                                  "finish_reason": None}])
+
+        def closing() -> tuple[list[bytes], str | None]:
+            if splitter is None:
+                return [], state.finish_reason
+            try:
+                rest = splitter.finish()
+            except StructuredOutputError:  # cut off inside a call: dropped, as in the non-streaming reply
+                rest = []
+            return [chunk([choice(v, None)]) for _, v in rest], _finish(state, bool(splitter.calls))
+
         async def events():
             try:
                 if kind == "chat":
                     yield chunk([choice("", None, first=True)])
                 if first is not None:
-                    yield chunk([choice(first, None)])
+                    for c in deltas(first):
+                        yield c
                     while True:
                         try:
                             delta = await handle.next()
                         except StopAsyncIteration:
                             break
-                        yield chunk([choice(delta, None)])
+                        for c in deltas(delta):
+                            yield c
+                tail, finish = closing()
+                for c in tail:
+                    yield c
                 u = usage()
-                yield chunk([choice(None, state.finish_reason)])
+                yield chunk([choice(None, finish)])
                 if body.include_usage:
                     yield chunk([], usage=u)
             except Exception as exc:  # noqa: BLE001 - ShuttingDown or a failure mid-stream: the last event

@@ -2,8 +2,12 @@
 
 Field names and types follow OpenAI's API reference and what llama-cpp-python's server accepts. A field
 this engine does not implement is never ignored silently: known OpenAI fields that would change the output
-(``logit_bias``, penalties, ``logprobs``, ``tools``, ``n`` > 1, ...) and any unknown field with a value
-raise ``InvalidRequest`` naming the field (-> HTTP 400).
+(``logit_bias``, penalties, ``logprobs``, ``n`` > 1, ...) and any unknown field with a value raise
+``InvalidRequest`` naming the field (-> HTTP 400).
+
+Function tools (``tools``, ``tool_choice``, ``parallel_tool_calls``, assistant ``tool_calls`` and ``tool``
+messages) become an engine ``ToolSet`` (engine/tool_calls.py): the reply is decoded under the tool-call
+grammar and comes back as ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -64,11 +68,38 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
 
 class _Sampling(_Body):
@@ -119,9 +150,18 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # one call per reply unless true: OpenAI defaults to several, but a small model allowed several
+    # repeats its call until max_tokens (SmolLM2-135M does)
+    parallel_tool_calls: bool | None = None
 
     def chat_messages(self) -> list[dict[str, str]]:
-        out = []
+        """The engine's {role, content} messages: an assistant's tool calls and a tool's result written in
+        the engine's tool-call format (engine/tool_calls.py), consecutive turns of one role merged."""
+        from ..tool_calls import call_text, merge_roles, result_text
+
+        out, called = [], {}
         for i, m in enumerate(self.messages):
             for extra, value in (m.model_extra or {}).items():
                 if not _unset(value):
@@ -136,9 +176,71 @@ class ChatCompletionRequest(_Sampling):
                                              "parts are supported", f"messages[{i}].content")
                     texts.append(part.text)
                 content = "".join(texts)
+            content = content or ""
+            if m.tool_calls and m.role != "assistant":
+                raise InvalidRequest(f"messages[{i}] has tool_calls but role {m.role!r}; only assistant messages "
+                                     "carry tool calls", f"messages[{i}].tool_calls")
+            if m.role == "tool":
+                if m.tool_call_id not in called:
+                    raise InvalidRequest(f"messages[{i}] is a tool result for tool_call_id {m.tool_call_id!r}, "
+                                         "which no earlier assistant message's tool_calls has; send the "
+                                         "assistant message with its tool_calls first",
+                                         f"messages[{i}].tool_call_id")
+                out.append({"role": "user", "content": result_text(called[m.tool_call_id], content)})
+                continue
+            for call in m.tool_calls or ():
+                called[call.id] = call.function.name
+                content += call_text(call.function.name, call.function.arguments)
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": content or ""})
-        return out
+            out.append({"role": role, "content": content})
+        return merge_roles(out) if called else out
+
+    def tool_set(self):
+        """The request's tools as an engine ToolSet (None: no tools, or tool_choice "none")."""
+        choice = self.tool_choice
+        if choice is not None and not isinstance(choice, (str, dict)):
+            raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
+                                 "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+        named = None
+        if isinstance(choice, dict):
+            named = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if not isinstance(named, str):
+                raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
+                                     "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+        elif choice not in (None, "none", "auto", "required"):
+            raise InvalidRequest(f"tool_choice {choice!r} is not one of 'none', 'auto', 'required' or a named "
+                                 "function", "tool_choice")
+        if not self.tools:
+            if choice == "required" or named is not None:
+                raise InvalidRequest(f"tool_choice {choice!r} needs tools; the request has none", "tool_choice")
+            return None
+        if choice == "none":
+            return None
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("two tools have the same name; tool names must be unique", "tools")
+        tools = self.tools
+        if named is not None:
+            tools = [t for t in self.tools if t.function.name == named]
+            if not tools:
+                raise InvalidRequest(f"tool_choice names function {named!r}, which is not in tools "
+                                     f"({', '.join(names)})", "tool_choice")
+        final = None
+        rf = self.response_format
+        if rf is not None and rf.get("type") != "text":
+            if rf.get("type") == "json_object":
+                final = {"type": "object"}
+            elif rf.get("type") == "json_schema" and isinstance((rf.get("json_schema") or {}).get("schema"), dict):
+                final = rf["json_schema"]["schema"]
+            else:
+                raise InvalidRequest("with tools, response_format can be text, json_object or json_schema "
+                                     "(the answer when no tool is called)", "response_format")
+        from ..tool_calls import ToolSet
+
+        return ToolSet(tuple({"type": "function", "function": t.function.model_dump(exclude_none=True)}
+                             for t in tools),
+                       required=choice == "required" or named is not None,
+                       parallel=self.parallel_tool_calls is True, final=final)
 
     def sampling_kwargs(self) -> dict[str, Any]:
         kw = super().sampling_kwargs()
@@ -147,7 +249,10 @@ class ChatCompletionRequest(_Sampling):
                 raise InvalidRequest("max_tokens and max_completion_tokens differ; give one of them",
                                      "max_completion_tokens")
             kw["max_tokens"] = self.max_completion_tokens
-        if self.response_format is not None and self.response_format.get("type") != "text":
+        tools = self.tool_set()
+        if tools is not None:
+            kw["tools"] = tools  # the answer's format (response_format) is the ToolSet's final
+        elif self.response_format is not None and self.response_format.get("type") != "text":
             if importlib.util.find_spec("tta_engine.structured") is None:
                 raise InvalidRequest("response_format needs structured-output support (tta_engine.structured), "
                                      "which this build lacks; drop response_format", "response_format")
