@@ -359,10 +359,10 @@ class ToolSet:
         None). A template with a tools section lists the tools itself: the hint then gives only the call
         format; otherwise the hint lists names, descriptions and parameter schemas."""
         may_answer = not self.required
-        if template_has_tools:
-            return with_system_hint(messages, _format_hint(may_answer, self.parallel)), [dict(t) for t in self.tools]
         if not self.describe:
             return merge_roles(messages), None
+        if template_has_tools:
+            return with_system_hint(messages, _format_hint(may_answer, self.parallel)), [dict(t) for t in self.tools]
         descriptions = {_function(t)["name"]: _function(t).get("description") or "" for t in self.tools}
         hint = tools_prompt(self.schemas(), descriptions, may_answer=may_answer, parallel=self.parallel)
         return with_system_hint(messages, hint), None

@@ -217,12 +217,12 @@ def test_tta_engine_model_ids_resolve_through_the_capability(manager):
 
 
 def test_tool_call_grammar_never_yields_an_unparseable_call(manager):
-    from tta_engine.integrations.pydantic_ai import _tool_grammar
-    from tta_engine.tool_calls import parse_tool_call
+    from tta_engine.tool_calls import ToolSet, parse_tool_call
 
     tools = {"roll": Dice.model_json_schema(), "look": {"type": "object", "properties": {
         "place": {"type": "string", "maxLength": 10}}, "required": ["place"], "additionalProperties": False}}
-    fmt = _tool_grammar(tools, None, None)
+    fmt = ToolSet(tuple({"type": "function", "function": {"name": n, "parameters": p}} for n, p in tools.items()),
+                  required=True).response_format()
     for seed in range(5):
         text = asyncio.run(manager.generate([{"role": "user", "content": "Act."}], MODEL, response_format=fmt,
                                             temperature=1.0, seed=seed, max_tokens=60))

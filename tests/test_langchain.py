@@ -14,6 +14,7 @@ pytest.importorskip("langchain_tests")
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler  # noqa: E402
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage  # noqa: E402
+from langchain_core.utils.function_calling import convert_to_openai_tool  # noqa: E402
 from langchain_tests.integration_tests import ChatModelIntegrationTests, EmbeddingsIntegrationTests  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests, EmbeddingsUnitTests  # noqa: E402
 from tta_engine.integrations.langchain import ChatTTAEngine, TTAEngineEmbeddings, to_engine_messages  # noqa: E402
@@ -104,7 +105,10 @@ class TestEmbeddingsIntegration(EmbeddingsIntegrationTests):
 
 
 def chat(**kw):
-    return ChatTTAEngine(**{"model": LM, "manager": _MANAGER["m"], "temperature": 0, "max_tokens": 10, **kw})
+    # describe_tools off: the tiny model's 256-token context cannot hold the tools prompt (the grammar
+    # alone enforces the calls; the prompt is checked in test_prompt_lists_the_tools...)
+    return ChatTTAEngine(**{"model": LM, "manager": _MANAGER["m"], "temperature": 0, "max_tokens": 10,
+                            "describe_tools": False, **kw})
 
 
 MSGS = [SystemMessage("You are a narrator."), HumanMessage("The lantern flickers in the forest.")]
@@ -273,6 +277,32 @@ def test_tool_choice_auto_allows_text_or_one_valid_call():
     assert "<tool>" not in msg.content
 
 
+def test_prompt_lists_the_tools_unless_describe_tools_is_off():
+    model = ChatTTAEngine(model=LM, manager=_MANAGER["m"])
+    _, _, call, _ = model._request(GO, None, {"tools": [convert_to_openai_tool(Move)], "tool_choice": "any"})
+    lm, _ = _MANAGER["m"].load_model(LM)
+    prompt = lm.tokenizer.decode(lm.encode_prompt(to_engine_messages(GO), call["tools"]))
+    assert "- Move" in prompt and "Parameters (JSON Schema)" in prompt and "<tool>NAME</tool>" in prompt
+    _, _, call, _ = chat()._request(GO, None, {"tools": [convert_to_openai_tool(Move)]})
+    assert lm.encode_prompt(to_engine_messages(GO), call["tools"]) == lm.encode_prompt(to_engine_messages(GO))
+
+
+@needs_structured
+def test_prose_streams_as_it_comes_when_tools_are_bound():
+    """tool_choice="auto" and a prose answer: the text arrives in several chunks, not once at the end
+    (seeds until one sample answers in prose); several calls per reply with parallel_tool_calls."""
+    for seed in range(8):
+        chunks = list(chat(max_tokens=30, temperature=1.0, seed=seed).bind_tools([Move], tool_choice="auto").stream(GO))
+        total = sum(chunks[1:], chunks[0])
+        if not total.tool_calls and len(total.content) > 3:
+            break
+    else:
+        pytest.fail("no sample answered in prose")
+    assert len([c for c in chunks if c.content]) >= 2 and "<tool>" not in total.content
+    many = chat(max_tokens=160).bind_tools([look], tool_choice="any", parallel_tool_calls=True).invoke(GO)
+    assert many.tool_calls and all(c["name"] == "look" for c in many.tool_calls)
+
+
 def test_tool_results_go_back_to_the_model_as_text():
     from langchain_core.messages import ToolMessage
 
@@ -281,7 +311,8 @@ def test_tool_results_go_back_to_the_model_as_text():
             ToolMessage("An old oak door.", tool_call_id="call_1", name="look")]
     rendered = to_engine_messages(msgs)
     assert rendered[1] == {"role": "assistant", "content": '<tool>look</tool><parameters>{"target": "door"}</parameters>'}
-    assert rendered[2] == {"role": "user", "content": "[result of look] An old oak door."}
+    assert rendered[2] == {"role": "user", "content": "<tool_result>look</tool_result><content>An old oak door."
+                                                      "</content>"}  # the format Pydantic-AI and the server use
     assert isinstance(chat().invoke(msgs), AIMessage)
 
 

@@ -182,3 +182,33 @@ def test_rendering_helpers():
     assert merge_roles([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                         {"role": "assistant", "content": "c"}]) == [{"role": "user", "content": "a\n\nb"},
                                                                    {"role": "assistant", "content": "c"}]
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} [{{ t.function.name }}: "
+    "{{ t.function.parameters | tojson }}]{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tools_go_into_the_templates_tools_section_where_it_has_one(tiny, monkeypatch):
+    from tta_engine.chat_template import uses_tools
+    from tta_engine.tool_calls import ToolSet
+
+    ts = ToolSet(({"type": "function", "function": {"name": "move", "description": "Walk.", "parameters": MOVE}},),
+                 required=True)
+    assert not uses_tools(tiny.tokenizer.chat_template) and uses_tools(TOOLS_TEMPLATE)
+    without = tiny.tokenizer.decode(tiny.encode_prompt(MSGS, ts))
+    assert "- move: Walk. Parameters (JSON Schema):" in without and "<tool>NAME</tool>" in without
+    monkeypatch.setattr(tiny.tokenizer, "chat_template", TOOLS_TEMPLATE)
+    with_section = tiny.tokenizer.decode(tiny.encode_prompt(MSGS, ts))
+    assert "Tools: [move: {" in with_section  # the template listed the tool
+    assert "Parameters (JSON Schema)" not in with_section and "<tool>NAME</tool>" in with_section  # format only
+    with pytest.raises(StructuredOutputError, match="at least one"):
+        ToolSet(())
+    from tta_engine.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="not both"):
+        tiny.generate(MSGS, tools=ts, response_format=Mood, max_new_tokens=4)
+    with pytest.raises(InvalidInputError, match="chat prompt"):
+        tiny.generate("raw text", tools=ts, max_new_tokens=4)

@@ -2,8 +2,8 @@
 
 Both run on a ``TransformersModelManager`` (the process-wide default one unless given ``manager=``).
 ``batch``/``abatch`` submit every input at once, so the manager's scheduler decodes them in shared
-steps; ``with_structured_output`` and ``bind_tools`` constrain decoding (``response_format``), so the
-JSON or tool call always parses. Needs ``pip install 'tta-engine[langchain]'``.
+steps; ``with_structured_output`` and ``bind_tools`` constrain decoding (``response_format``; tools in the
+engine's one tool-call format, engine/tool_calls.py), so the JSON or tool call always parses. Needs ``pip install 'tta-engine[langchain]'``.
 """
 
 from __future__ import annotations
@@ -75,16 +75,12 @@ def _text(content: str | list) -> str:
     return "".join(parts)
 
 
-def _render_tool_call(name: str, args: dict) -> str:
-    import json
-
-    return f"<tool>{name}</tool><parameters>{json.dumps(args, ensure_ascii=False)}</parameters>"
-
-
 def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     """LangChain messages as the engine's ``{role, content}`` dicts (rendered later with the model's chat
-    template). An AI message's tool calls are written in the game's tool-call format; a tool result is
-    a user turn naming the tool (small models' templates know no ``tool`` role)."""
+    template). An AI message's tool calls and a tool's result are written in the engine's one tool-call
+    format (engine/tool_calls.py); consecutive turns of one role are merged."""
+    from ..tool_calls import call_text, merge_roles, result_text
+
     out: list[dict[str, str]] = []
     for m in messages:
         if isinstance(m, SystemMessage):
@@ -92,58 +88,29 @@ def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
         elif isinstance(m, HumanMessage):
             out.append({"role": "user", "content": _text(m.content)})
         elif isinstance(m, AIMessage):
-            text = _text(m.content) + "".join(_render_tool_call(c["name"], c["args"]) for c in m.tool_calls)
+            text = _text(m.content) + "".join(call_text(c["name"], c["args"]) for c in m.tool_calls)
             out.append({"role": "assistant", "content": text})
         elif isinstance(m, ToolMessage):
-            name = m.name or "tool"
-            status = " (error)" if getattr(m, "status", "success") == "error" else ""
-            out.append({"role": "user", "content": f"[result of {name}{status}] {_text(m.content)}"})
+            out.append({"role": "user", "content": result_text(m.name or "tool", _text(m.content),
+                                                               error=getattr(m, "status", "success") == "error")})
         elif isinstance(m, ChatMessage):
             out.append({"role": m.role, "content": _text(m.content)})
         else:
             raise TTAEngineError(f"message type {type(m).__name__!r} is not supported; use System, Human, AI, "
                                  "Tool or Chat messages")
-    # consecutive turns of one role (e.g. a tool result after the user's question) are merged, since
-    # several chat templates require alternating roles
-    merged: list[dict[str, str]] = []
-    for m in out:
-        if merged and merged[-1]["role"] == m["role"] and m["role"] != "system":
-            merged[-1] = {"role": m["role"], "content": merged[-1]["content"] + "\n" + m["content"]}
-        else:
-            merged.append(m)
-    return merged
+    return merge_roles(out)
 
 
 def _closed(schema: Any) -> Any:
-    """The schema with every object closed (``additionalProperties: false`` unless it says otherwise), as
+    """The schema with its objects closed (``additionalProperties: false`` unless it says otherwise), as
     OpenAI's strict mode does: a reply cannot wander into keys nobody asked for."""
-    if isinstance(schema, dict):
-        out = {k: _closed(v) for k, v in schema.items()}
-        if out.get("type") == "object" and "additionalProperties" not in out:
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [_closed(v) for v in schema]
+    import copy
+
+    from ..structured import _close_objects
+
+    schema = copy.deepcopy(schema)
+    _close_objects(schema)
     return schema
-
-
-def _tool_schemas(tools: Sequence[dict]) -> dict[str, dict]:
-    """{name: JSON schema of the arguments} of OpenAI-format tools (objects closed)."""
-    return {t["function"]["name"]: _closed(t["function"].get("parameters") or {"type": "object", "properties": {}})
-            for t in tools}
-
-
-def _tools_prompt(tools: Sequence[dict]) -> str:
-    """A short hint naming the tools (the grammar enforces names and parameters, so no schemas here)."""
-    listed = "; ".join(f"{t['function']['name']}({', '.join((t['function'].get('parameters') or {}).get('properties', {}))})"
-                       f": {t['function'].get('description', '').rstrip('.')}".strip() for t in tools)
-    return f"Tools: {listed}. Call one as <tool>NAME</tool><parameters>{{JSON}}</parameters>."
-
-
-def _with_system_hint(messages: list[dict[str, str]], hint: str) -> list[dict[str, str]]:
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + hint}, *messages[1:]]
-    return [{"role": "system", "content": hint}, *messages]
 
 
 def _selected_tools(tools: list[dict], tool_choice: Any) -> tuple[list[dict], bool]:
@@ -187,6 +154,10 @@ class ChatTTAEngine(BaseChatModel):
     """Accepted for compatibility; in-process requests are not retried."""
     streaming: bool = False
     """``invoke`` streams internally (callbacks get ``on_llm_new_token`` per delta)."""
+    describe_tools: bool = True
+    """List bound tools (names, descriptions, parameter schemas) and the call format in a system message
+    (or the chat template's tools section). Off: nothing is added to the prompt, the grammar alone
+    enforces the calls (for very small contexts)."""
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
@@ -226,49 +197,44 @@ class ChatTTAEngine(BaseChatModel):
         response_format = kwargs.pop("response_format", None)
         kwargs.pop("ls_structured_output_format", None)
         kwargs.pop("stream", None)
+        parse_tools = None
+        parallel = bool(kwargs.pop("parallel_tool_calls", False))
         if kwargs:
             raise TTAEngineError(f"unsupported argument(s) {', '.join(sorted(kwargs))} for ChatTTAEngine; known: "
-                                 f"model, tools, tool_choice, response_format, {', '.join(_SAMPLING)}")
-        parse_tools = None
+                                 f"model, tools, tool_choice, parallel_tool_calls, response_format, "
+                                 f"{', '.join(_SAMPLING)}")
         if tools:
             chosen, required = _selected_tools(tools, tool_choice)
             if chosen:
-                from ..structured import tool_call_format
+                from ..tool_calls import ToolSet
 
-                parse_tools = _tool_schemas(chosen)
-                call["response_format"] = fmt = tool_call_format(parse_tools, text_first=not required)
-                if not required:  # "auto": free text, optionally followed by one call
-                    fmt["lark"] = fmt["lark"].replace("start: TEXT call\n", "start: TEXT call?\n", 1)
-                msgs = _with_system_hint(msgs, _tools_prompt(chosen))
+                call["tools"] = ts = ToolSet(tuple(chosen), required=required, parallel=parallel,
+                                              describe=self.describe_tools)
+                parse_tools = ts.schemas()
         elif response_format is not None:
             call["response_format"] = response_format
         return name, msgs, call, parse_tools
 
     def _message(self, text: str, parse_tools: dict | None, usage: dict, finish: str, name: str,
-                 chunk: bool = False, constrained: bool = False):
-        if constrained and finish == "length" and (parse_tools is None or "<tool>" in text):
-            from ..errors import StructuredOutputError
+                 constrained: bool = False) -> AIMessage:
+        """The reply as an AIMessage: prose as content, every complete call in ``tool_calls`` (a call cut
+        off by max_tokens is dropped; with no complete call that is a StructuredOutputError, as is JSON
+        cut off under response_format)."""
+        from ..errors import StructuredOutputError
 
+        if constrained and finish == "length" and parse_tools is None:
             raise StructuredOutputError("the output hit max_tokens before the grammar was complete; raise "
                                         "max_tokens", raw_text=text)
-        meta = {"model_name": name, "model_provider": "tta_engine", "finish_reason": finish}
-        usage_md = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                    "total_tokens": usage["total_tokens"]}
         tool_calls = []
-        if parse_tools is not None and "<tool>" in text:
-            from ..structured import parse_tool_call
+        if parse_tools is not None:
+            from ..tool_calls import parse_tool_calls
 
-            tc = parse_tool_call(text, parse_tools)
-            tool_calls = [{"name": tc.name, "args": dict(tc.arguments), "id": f"call_{uuid.uuid4().hex[:24]}",
-                           "type": "tool_call"}]
-            text = text[: text.index("<tool>")].strip()
-            meta["finish_reason"] = "tool_calls"
-        if chunk:
-            chunks = [{"name": c["name"], "args": _json(c["args"]), "id": c["id"], "index": i,
-                       "type": "tool_call_chunk"} for i, c in enumerate(tool_calls)]
-            return AIMessageChunk(content=text, tool_call_chunks=chunks, usage_metadata=usage_md,
-                                  response_metadata=meta, chunk_position="last")
-        return AIMessage(content=text, tool_calls=tool_calls, usage_metadata=usage_md, response_metadata=meta)
+            reply = parse_tool_calls(text, parse_tools)
+            tool_calls = [_tool_call(c) for c in reply.calls]
+            if tool_calls:
+                text = reply.text
+        return AIMessage(content=text, tool_calls=tool_calls, usage_metadata=_usage(usage),
+                         response_metadata=_meta(name, finish, bool(tool_calls)))
 
     async def _bounded(self, aw):
         return await (asyncio.wait_for(aw, self.timeout) if self.timeout else aw)
@@ -283,7 +249,7 @@ class ChatTTAEngine(BaseChatModel):
         name, msgs, call, parse_tools = self._request(messages, stop, kwargs)
         c = await self._bounded(self._manager.complete(msgs, name, **call))
         msg = self._message(c["text"], parse_tools, c["usage"], c["finish_reason"], name,
-                            constrained="response_format" in call)
+                            constrained="response_format" in call or "tools" in call)
         return ChatResult(generations=[ChatGeneration(message=msg)])
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -296,24 +262,51 @@ class ChatTTAEngine(BaseChatModel):
 
     async def _chunks(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
                       ) -> AsyncIterator[ChatGenerationChunk]:
-        """Text deltas as chunks, then a last chunk with usage, finish reason and any tool call (a tool
-        call is streamed whole, at the end, once it parses)."""
+        """Text deltas as chunks as they come (prose too when tools are bound), each tool call as one chunk
+        once it is complete, then a last chunk with usage and finish reason."""
+        from ..errors import StructuredOutputError
+
         name, msgs, call, parse_tools = self._request(messages, stop, kwargs)
         state = GenerationState(0)
-        held: list[str] = []
+        splitter = None
+        if parse_tools is not None:
+            from ..tool_calls import ToolCallStream
+
+            splitter = ToolCallStream(parse_tools)
+        held: list[str] = []  # a response_format reply, checked at the end
         stream = self._manager.astream(msgs, name, state=state, **call)
         try:
             async for delta in stream:
-                if parse_tools is not None:
-                    held.append(delta)
-                else:
-                    yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
+                held.append(delta)
+                for kind, value in splitter.feed(delta) if splitter is not None else [("text", delta)]:
+                    yield ChatGenerationChunk(message=self._chunk(kind, value, splitter))
         finally:
             await stream.aclose()
         c = state.completion()
-        last = self._message("".join(held), parse_tools, c["usage"], c["finish_reason"], name, chunk=True,
-                             constrained="response_format" in call)
-        yield ChatGenerationChunk(message=last)
+        if splitter is not None:
+            try:
+                rest = splitter.finish()
+            except StructuredOutputError:
+                if not splitter.calls:
+                    raise
+                rest = []  # several calls, the last one cut off by max_tokens: dropped
+            for kind, value in rest:
+                yield ChatGenerationChunk(message=self._chunk(kind, value, splitter))
+        elif "response_format" in call:
+            self._message("".join(held), None, c["usage"], c["finish_reason"], name, constrained=True)
+        called = splitter is not None and bool(splitter.calls)
+        yield ChatGenerationChunk(message=AIMessageChunk(
+            content="", usage_metadata=_usage(c["usage"]), response_metadata=_meta(name, c["finish_reason"], called),
+            chunk_position="last"))
+
+    @staticmethod
+    def _chunk(kind: str, value: Any, splitter) -> AIMessageChunk:
+        if kind == "text":
+            return AIMessageChunk(content=value)
+        tc = _tool_call(value)
+        return AIMessageChunk(content="", tool_call_chunks=[{
+            "name": tc["name"], "args": _json(tc["args"]), "id": tc["id"], "index": len(splitter.calls) - 1,
+            "type": "tool_call_chunk"}])
 
     # LangChain's stream()/invoke() call on_llm_new_token for every chunk these yield
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -340,7 +333,8 @@ class ChatTTAEngine(BaseChatModel):
                    tool_choice: str | dict | bool | None = None, **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools; replies are decoded under the game's tool-call grammar and come back as
         ``AIMessage.tool_calls``. ``tool_choice``: None/"auto" (text or a call), "any"/"required" (a call),
-        a tool name (that tool), "none"."""
+        a tool name (that tool), "none". ``parallel_tool_calls=True``: several calls per reply (default one:
+        a small model allowed several tends to repeat its call until max_tokens)."""
         formatted = [convert_to_openai_tool(t) for t in tools]
         _selected_tools(formatted, tool_choice)  # a bad tool_choice fails here, not at the first call
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
@@ -388,6 +382,22 @@ def _json(args: dict) -> str:
     import json
 
     return json.dumps(args, ensure_ascii=False)
+
+
+def _tool_call(call) -> dict[str, Any]:
+    return {"name": call.name, "args": dict(call.arguments), "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "tool_call"}
+
+
+def _usage(usage: dict) -> dict[str, int]:
+    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"]}
+
+
+def _meta(name: str, finish: str, called: bool) -> dict[str, Any]:
+    """"tool_calls" when the reply ended (not cut off by max_tokens) with calls, as OpenAI reports it."""
+    return {"model_name": name, "model_provider": "tta_engine",
+            "finish_reason": "tool_calls" if called and finish == "stop" else finish}
 
 
 class TTAEngineEmbeddings(BaseModel, Embeddings):

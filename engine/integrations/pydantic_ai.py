@@ -27,7 +27,6 @@ providers; a capability's ``resolve_model_id`` is its hook for model ids).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +41,15 @@ from ..errors import (
     UnknownModelError,
 )
 from ..generator import GenerationState
+from ..tool_calls import (
+    ToolCallStream,
+    ToolSet,
+    call_text,
+    merge_roles,
+    parse_tool_call,
+    parse_tool_calls,
+    result_text,
+)
 from .common import default_manager, require
 
 require("pydantic_ai", "pydantic-ai")
@@ -140,49 +148,6 @@ def _user_text(part: UserPromptPart) -> str:
     return "\n".join(texts)
 
 
-def _call_text(name: str, args: str) -> str:
-    """A tool call in the format the tool-call grammar decodes (engine/structured.py)."""
-    return f"<tool>{name}</tool><parameters>{args}</parameters>"
-
-
-def _tools_prompt(tools: dict[str, Any], descriptions: dict[str, str], may_answer: bool) -> str:
-    lines = ["You can call these tools. To call one, reply with exactly "
-             "<tool>NAME</tool><parameters>{JSON arguments}</parameters>."]
-    if may_answer:
-        lines[0] += " When you have what you need, reply with your answer instead."
-    for name, schema in tools.items():
-        desc = descriptions.get(name) or ""
-        lines.append(f"- {name}: {desc} Parameters (JSON Schema): {json.dumps(schema, separators=(',', ':'))}")
-    return "\n".join(lines)
-
-
-def _merge_roles(chat: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Consecutive messages of one role as one message (templates expect alternating turns)."""
-    out: list[dict[str, str]] = []
-    for m in chat:
-        if out and out[-1]["role"] == m["role"]:
-            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
-        else:
-            out.append(dict(m))
-    return out
-
-
-def _tool_grammar(tools: dict[str, Any], final: str | None, final_schema: Any) -> dict[str, str]:
-    """A response_format: a call to one of ``tools`` or (when ``final`` is "text"/"json") the final output."""
-    from ..structured import tool_call_format
-
-    body = [ln for ln in tool_call_format(tools)["lark"].splitlines() if not ln.startswith("start:")]
-    if final is None:
-        start = "start: call"
-    elif final == "json":
-        start = "start: call | final"
-        body.append("final: %json " + json.dumps(final_schema))
-    else:
-        start = "start: call | TEXT"
-        body.append("TEXT: /[^<][^<]*/")  # free text (it cannot start a call)
-    return {"type": "grammar", "lark": "\n".join([start, *body])}
-
-
 @dataclass(init=False)
 class TTAEngineModel(Model):
     """A pydantic-ai model served by tta-engine's manager: ``TTAEngineModel("smollm2-135m-instruct")``.
@@ -193,7 +158,7 @@ class TTAEngineModel(Model):
     """
 
     # generic settings the engine does not implement (it does: max_tokens, temperature, top_p, top_k, seed,
-    # stop_sequences, tool_choice; parallel_tool_calls=False always holds: one call per reply)
+    # stop_sequences, tool_choice, parallel_tool_calls (default off: one call per reply))
     unsupported_settings = frozenset({"timeout", "max_retries", "presence_penalty", "frequency_penalty",
                                       "logit_bias", "extra_headers", "extra_body", "service_tier", "citations"})
     _unsupported_file_inputs = frozenset({"image", "document", "audio", "video"})
@@ -238,8 +203,8 @@ class TTAEngineModel(Model):
                     elif isinstance(part, UserPromptPart):
                         chat.append({"role": "user", "content": _user_text(part)})
                     elif isinstance(part, ToolReturnPart):
-                        chat.append({"role": "user", "content": f"<tool_result>{part.tool_name}</tool_result>"
-                                                                f"<content>{part.model_response_str()}</content>"})
+                        chat.append({"role": "user", "content": result_text(part.tool_name,
+                                                                            part.model_response_str())})
                     else:
                         raise UserError(f"{PROVIDER} cannot render a {type(part).__name__} request part; call "
                                         "model.prepare_messages(messages) first (Agent does this for you)")
@@ -249,7 +214,7 @@ class TTAEngineModel(Model):
                     if isinstance(part, TextPart):
                         pieces.append(part.content)
                     elif isinstance(part, ToolCallPart):
-                        pieces.append(_call_text(part.tool_name, part.args_as_json_str()))
+                        pieces.append(call_text(part.tool_name, part.args_as_json_str()))
                     # thinking, files and native-tool parts of other providers are not sent back
                 if pieces:
                     chat.append({"role": "assistant", "content": "".join(pieces)})
@@ -271,35 +236,41 @@ class TTAEngineModel(Model):
         else:
             names = set(defs)
         required = choice == "required" or (isinstance(choice, tuple) and choice[0] == "required")
-        tools = {n: defs[n].parameters_json_schema for n in defs if n in names}
+        offered = tuple({"type": "function", "function": {"name": n, "description": defs[n].description or "",
+                                                          "parameters": defs[n].parameters_json_schema}}
+                        for n in defs if n in names)
         schema = None
         if params.output_mode in ("native", "prompted") and params.output_object is not None:
             schema = params.output_object.json_schema
         final = None if required else ("json" if schema is not None else ("text" if params.allow_text_output
                                                                           else None))
-        if tools and self.describe_tools:
-            descriptions = {n: defs[n].description or "" for n in tools}
-            chat.insert(next((i for i, m in enumerate(chat) if m["role"] != "system"), len(chat)),
-                        {"role": "system", "content": _tools_prompt(tools, descriptions, final is not None)})
-        if tools:
-            response_format = _tool_grammar(tools, final, schema)
-        elif schema is not None:
+        kwargs = _sampling(settings)
+        if offered:
+            # a reply is a call, or (where the agent allows it) the final output: prose, or JSON for the schema
+            kwargs["tools"] = tools = ToolSet(offered, required=final is None, final=schema if final == "json" else None,
+                                              parallel=bool(settings.get("parallel_tool_calls", False)),
+                                              describe=self.describe_tools)
+            return _Plan(merge_roles(chat), None, tools.schemas(), kwargs)
+        if schema is not None:
             name = params.output_object.name or "output"
             response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
         elif final is None:
             raise UserError(f"{PROVIDER}: the request allows neither text nor a tool call")
         else:
             response_format = None
-        return _Plan(_merge_roles(chat), response_format, tools, _sampling(settings))
+        return _Plan(merge_roles(chat), response_format, {}, kwargs)
 
     def _parts(self, text: str, plan: _Plan) -> list[ModelResponsePart]:
-        if plan.tools and text.lstrip().startswith("<"):
-            from ..structured import parse_tool_call
-
-            with _engine_errors(self._model_name):
-                call = parse_tool_call(text, plan.tools)
-            return [ToolCallPart(call.name, call.arguments)]
-        return [TextPart(text)] if text else []
+        if not plan.tools:
+            return [TextPart(text)] if text else []
+        with _engine_errors(self._model_name):
+            reply = parse_tool_calls(text, plan.tools)
+            if not reply.calls and plan.kwargs["tools"].required:  # cut off before the call (max_tokens)
+                parse_tool_call(text, plan.tools)  # raises: no call in the output
+        if not reply.calls:
+            return [TextPart(text)] if text else []
+        prose = [TextPart(reply.text)] if reply.text else []
+        return prose + [ToolCallPart(c.name, c.arguments) for c in reply.calls]
 
     # -- requests ---------------------------------------------------------------------------------------
     async def request(self, messages: list[ModelMessage], model_settings: ModelSettings | None,
@@ -314,7 +285,7 @@ class TTAEngineModel(Model):
                 pass
         completion = state.completion()
         parts = self._parts(completion["text"], plan)
-        tool_call = any(isinstance(p, ToolCallPart) for p in parts)
+        tool_call = any(isinstance(p, ToolCallPart) for p in parts) and completion["finish_reason"] == "stop"
         return ModelResponse(parts=parts, usage=_usage(completion["usage"]), model_name=self._model_name,
                              provider_name=PROVIDER,
                              finish_reason="tool_call" if tool_call else _FINISH.get(completion["finish_reason"]),
@@ -378,30 +349,37 @@ class TTAEngineStreamedResponse(StreamedResponse):
                 yield delta
 
     async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
-        text, mode = "", None  # mode: "text" (streamed as it comes) or "call" (parsed at the end)
+        """Prose as text deltas as it comes; each tool call as one part once complete."""
+        splitter = ToolCallStream(self._plan.tools) if self._plan.tools else None
         async for delta in self._all_deltas():
-            text += delta
-            if mode is None:
-                if not text.strip():
-                    continue
-                mode = "call" if self._plan.tools and text.lstrip().startswith("<") else "text"
-                delta = text
-            if mode == "text":
-                for event in self._parts_manager.handle_text_delta(vendor_part_id="content", content=delta):
-                    yield event
+            with _engine_errors(self._model_name, in_stream=True):
+                events = splitter.feed(delta) if splitter is not None else [("text", delta)]
+            for event in self._events(events, splitter):
+                yield event
         completion = self._state.completion()
         self._usage = _usage(completion["usage"])
         self.finish_reason = _FINISH.get(completion["finish_reason"])
         self.provider_details = {"finish_reason": completion["finish_reason"]}
-        if mode == "call":
-            for part in self._owner._parts(text, self._plan):
-                assert isinstance(part, ToolCallPart)
-                self.finish_reason = "tool_call"
-                yield self._parts_manager.handle_tool_call_part(vendor_part_id="call", tool_name=part.tool_name,
-                                                               args=part.args, tool_call_id=part.tool_call_id)
-        elif mode is None and text:
-            for event in self._parts_manager.handle_text_delta(vendor_part_id="content", content=text):
+        if splitter is not None:
+            try:
+                rest = splitter.finish()
+            except StructuredOutputError:
+                if not splitter.calls:  # cut off inside the only call
+                    with _engine_errors(self._model_name, in_stream=True):
+                        raise
+                rest = []  # several calls, the last cut off by max_tokens: dropped
+            for event in self._events(rest, splitter):
                 yield event
+            if splitter.calls and completion["finish_reason"] == "stop":
+                self.finish_reason = "tool_call"
+
+    def _events(self, events: list, splitter) -> Iterator[ModelResponseStreamEvent]:
+        for kind, value in events:
+            if kind == "text":
+                yield from self._parts_manager.handle_text_delta(vendor_part_id="content", content=value)
+            else:
+                yield self._parts_manager.handle_tool_call_part(
+                    vendor_part_id=f"call-{len(splitter.calls)}", tool_name=value.name, args=value.arguments)
 
     async def close_stream(self) -> None:
         aclose = getattr(self._deltas, "aclose", None)
