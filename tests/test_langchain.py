@@ -60,7 +60,8 @@ class TestEmbeddingsUnit(EmbeddingsUnitTests):
 
 class TestChatIntegrationTiny(ChatModelIntegrationTests):
     """The standard integration suite's plain paths on a tiny random model (tool-calling and structured
-    tests need a model that understands the question; they run on the default model in the e2e file)."""
+    tests need a model that understands the question: they run on the default model in
+    tests/test_langchain_e2e.py)."""
 
     pytestmark = ASYNC
 

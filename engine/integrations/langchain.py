@@ -66,7 +66,8 @@ def _text(content: str | list) -> str:
             parts.append(block)
         elif isinstance(block, dict) and block.get("type") == "text":
             parts.append(block.get("text", ""))
-        elif isinstance(block, dict) and block.get("type") in ("tool_call", "reasoning"):
+        elif isinstance(block, dict) and block.get("type") in ("tool_call", "tool_use", "reasoning"):
+            # a call block (LangChain's or Anthropic's shape): the calls are rendered from tool_calls
             continue
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
@@ -357,9 +358,9 @@ class ChatTTAEngine(BaseChatModel):
         elif method in ("json_schema", "json_mode"):
             if method == "json_mode":
                 response_format: Any = {"type": "json_object"}
-            elif is_pydantic:
+            elif is_pydantic and hasattr(schema, "model_json_schema"):
                 response_format = schema
-            else:
+            else:  # a JSON schema, TypedDict, OpenAI tool, or a Pydantic v1 model (its schema via LangChain)
                 js = convert_to_json_schema(schema)
                 response_format = {"type": "json_schema", "json_schema": {
                     "name": js.get("title", "output"), "schema": _closed(js) if strict is not False else js,
