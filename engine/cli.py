@@ -32,13 +32,18 @@ def cmd_export(args) -> int:
     precisions = list(dict.fromkeys(args.precision or [cfg.precision]))
     prefill = None if args.prefill_precision == "none" else args.prefill_precision
     options = ExportOptions(out_root=args.out, graph=args.graph, block_size=args.block_size, cache_dir=args.cache_dir,
-                            prefill_precision=prefill)
+                            prefill_precision=prefill, allow_low_fidelity=args.allow_low_fidelity)
     for art in export_models(cfg, precisions, options):
         precision = art.precision
         val = art.manifest["validation"][precision]
         print(f"exported {cfg.name} ({precision}, {art.manifest['graph']} graph) -> {art.path}  "
               f"[{art.size_bytes / 1e6:.1f} MB]")
         print("  validation: " + ", ".join(f"{k}={v}" for k, v in val.items()))
+        low = art.manifest["validation"].get("low_fidelity")
+        if low:
+            from .export.gate import describe
+
+            print(f"  LOW FIDELITY (published with --allow-low-fidelity): {describe(low['failed'])}")
     return 0
 
 
@@ -159,6 +164,8 @@ def cmd_models(args) -> int:
         try:
             art = load_artifact(path, verify=False, rehash=args.verify)  # --verify: hash now
             status = f"{'verified' if args.verify else 'not verified'} ({art.manifest['graph']})"
+            if art.manifest.get("validation", {}).get("low_fidelity"):
+                status += " LOW FIDELITY"
             size = f"{art.size_bytes / 1e6:.1f} MB"
         except ArtifactMissingError:
             status = "missing"
@@ -311,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-precision", dest="prefill_precision", choices=["int8", "none"], default="int8",
                    help="extra graph that int4 artifacts use for prompts (int8 prefills faster on VNNI/AMX CPUs)")
     p.add_argument("--cache-dir", dest="cache_dir", default=None, help="Hugging Face cache dir for hub sources")
+    p.add_argument("--allow-low-fidelity", dest="allow_low_fidelity", action="store_true",
+                   help="publish even when the validation figures fail the thresholds (marked in the manifest)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="stream a reply to one prompt")

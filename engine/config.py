@@ -99,6 +99,9 @@ class ModelConfig:
     # AMX/VNNI CPUs, about +230 MB RSS for SmolLM2); false: prompts run on the decode graph (less memory,
     # slower first token; other numerics, so texts differ from the default's)
     prefill_graph: bool = True
+    # export fidelity thresholds per precision, overriding the defaults of export/gate.py:
+    # {"int4": {"min_top1": 0.9, "max_kl": 0.05}} for decoders, {"int8": {"min_cosine": 0.98}} for encoders
+    validation: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
     task_mapping: Mapping[str, TaskSuitability] = field(default_factory=lambda: MappingProxyType({}))
     file: str = "<dict>"
 
@@ -147,8 +150,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "supports_streaming": (bool,), "structured_output": (bool,), "context_length": (int,),
     "embedding_dimension": (int,), "normalize_embeddings": (bool,), "memory_bytes": (int,),
     "fallbacks": (list, tuple), "export_on_demand": (bool,), "prefill_graph": (bool,),
-    "task_mapping": (dict,), "source": (dict,),
+    "task_mapping": (dict,), "source": (dict,), "validation": (dict,),
 }
+VALIDATION_KEYS = {"causal_lm": ("min_top1", "max_kl"), "embedding": ("min_cosine",)}
 _REQUIRED = ("model_type", "source")
 _SOURCE_FIELDS = {f.name for f in dataclasses.fields(ModelSource)}
 
@@ -181,6 +185,25 @@ def _parse_task_mapping(file: str, model: str, raw: dict) -> Mapping[str, TaskSu
             )
         else:
             raise _fail(file, model, key, f"expected a bool or a table, got {type(val).__name__}")
+    return MappingProxyType(out)
+
+
+def _parse_validation(file: str, model: str, model_type: str, raw: dict) -> Mapping[str, Mapping[str, float]]:
+    allowed = VALIDATION_KEYS.get(model_type, ())
+    out = {}
+    for precision, table in raw.items():
+        key = f"validation.{precision}"
+        if precision not in PRECISIONS:
+            raise _fail(file, model, key, f"{precision!r} is not one of {PRECISIONS}")
+        if not isinstance(table, dict):
+            raise _fail(file, model, key, f"expected a table of {', '.join(allowed)}, got {type(table).__name__}")
+        unknown = set(table) - set(allowed)
+        if unknown:
+            raise _fail(file, model, f"{key}.{sorted(unknown)[0]}",
+                        f"unknown threshold; a {model_type} model takes {', '.join(allowed)}")
+        for name, value in table.items():
+            _check_type(file, model, f"{key}.{name}", value, (int, float))
+        out[precision] = MappingProxyType({k: float(v) for k, v in table.items()})
     return MappingProxyType(out)
 
 
@@ -220,6 +243,7 @@ def model_config_from_dict(name: str, raw: Mapping[str, Any], file: str = "<dict
     if "fallbacks" in kwargs:
         kwargs["fallbacks"] = tuple(kwargs["fallbacks"])
     kwargs["task_mapping"] = _parse_task_mapping(file, name, raw.get("task_mapping") or {})
+    kwargs["validation"] = _parse_validation(file, name, raw["model_type"], raw.get("validation") or {})
     return ModelConfig(name=name, source=ModelSource(**src), file=file, **kwargs)
 
 

@@ -46,6 +46,15 @@ class ExportError(TTAEngineError):
     """The export stage failed (including failed validation against PyTorch)."""
 
 
+class LowFidelityError(ExportError):
+    """An export's validation figures fall below the thresholds of its model kind and precision: nothing
+    was published. ``failures`` lists what failed (figure, value, threshold) per precision."""
+
+    def __init__(self, message: str, failures: dict | None = None):
+        super().__init__(message)
+        self.failures = failures or {}
+
+
 class ContextLengthError(TTAEngineError, ValueError):
     """The prompt (plus the requested new tokens) does not fit the model's context."""
 

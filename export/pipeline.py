@@ -43,7 +43,7 @@ from tta_engine.sources import (
 )
 from tta_engine.tokenizer import Tokenizer
 
-from . import validate
+from . import gate, validate
 from .quantize import quantize, save_onnx
 
 STAGES = ("load", "export", "optimize", "quantize", "validate", "write")
@@ -62,6 +62,8 @@ class ExportOptions:
     prefill_precision: str | None = "int8"
     cache_dir: str | None = None
     opset: int | None = None
+    # publish an artifact whose validation figures fail the gate (export/gate.py), marked low fidelity
+    allow_low_fidelity: bool = False
 
 
 class Progress:
@@ -74,6 +76,9 @@ class Progress:
     def stage(self, key: str, what: str) -> None:
         self.t = time.perf_counter()
         self._print(f"[{STAGES.index(key) + 1}/{len(STAGES)}] {self.name}: {what} ...")
+
+    def warn(self, line: str) -> None:
+        self._print(f"      WARNING: {line}")
 
     def done(self, detail: str = "") -> None:
         self._print(f"      done in {time.perf_counter() - self.t:.1f}s" + (f" - {detail}" if detail else ""))
@@ -141,20 +146,31 @@ def _export_locked(cfg: ModelConfig, precisions: list[str], options: ExportOptio
         job = (EncoderExport if cfg.is_embedding else DecoderExport)(cfg, options, progress, Path(work_str))
         job.load()                       # 1
         job.export_and_optimize()        # 2 + 3 (and the fp32 graph validated)
+        done = {}
         for precision in precisions:
             progress.name = f"{cfg.name} ({precision})"
             graph, quant_meta = job.quantize(precision)             # 4
-            figures = job.validate(precision, graph)                # 5
-            artifacts.append(_write(job, precision, graph, quant_meta, figures))  # 6
+            done[precision] = graph, quant_meta, job.validate(precision, graph)  # 5
+        # the gate, before anything is written: a failing precision publishes nothing, nor do the others
+        low = gate.check(cfg.name, cfg.model_type, {p: fig for p, (_, _, fig) in done.items()}, cfg.validation,
+                         options.allow_low_fidelity)
+        for precision, (graph, quant_meta, figures) in done.items():
+            progress.name = f"{cfg.name} ({precision})"
+            if precision in low:
+                progress.warn(f"publishing a LOW-FIDELITY artifact (--allow-low-fidelity): "
+                              f"{gate.describe(low[precision]['failed'])}")
+            artifacts.append(_write(job, precision, graph, quant_meta, figures, low.get(precision)))  # 6
     return artifacts
 
 
-def _write(job, precision: str, graph: Path, quant_meta: dict, figures: dict) -> Artifact:
+def _write(job, precision: str, graph: Path, quant_meta: dict, figures: dict, low_fidelity: dict | None) -> Artifact:
     """Stage 6: assemble the artifact in a staged directory, add the manifest, publish atomically."""
     cfg, progress = job.cfg, job.progress
     final = artifact_dir(job.options.out_root, cfg.name, precision)
     with staged_artifact(final) as out:
         manifest = job.write_files(precision, graph, quant_meta, figures, out)
+        if low_fidelity is not None:
+            manifest["validation"]["low_fidelity"] = low_fidelity
         progress.stage("write", f"writing artifact to {final}")
         manifest.update({
             "model": {"name": cfg.name, "model_id": cfg.model_id, "config_file": cfg.file},

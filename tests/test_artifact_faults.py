@@ -166,7 +166,7 @@ def cli_env(artifacts, tiny_dirs, tmp_path):
         artifacts.get(name, "fp32")
     cfg = tmp_path / "models.toml"
     cfg.write_text(
-        f'[models.tiny-llama]\nmodel_type = "causal_lm"\ncontext_length = 256\nmax_tokens = 64\n'
+        f'[models.tiny-llama]\nmodel_type = "causal_lm"\ncontext_length = 256\nvalidation = {{ int4 = {{ min_top1 = 0.5 }} }}\nmax_tokens = 64\n'
         f'source = {{ kind = "local", path = "{tiny_dirs["llama"]}" }}\n'
         f'[models.tiny-bert]\nmodel_type = "embedding"\nembedding_dimension = 64\n'
         f'source = {{ kind = "local", path = "{tiny_dirs["bert"]}" }}\n')

@@ -122,3 +122,18 @@ def test_missing_package_source_gives_install_hint():
                                                   "file": "m.gguf", "install_hint": "pip install no-such-pkg"}})
     with pytest.raises(ModelNotAvailableError, match="pip install no-such-pkg"):
         resolve_source(cfg)
+
+
+def test_validation_thresholds_parse_and_bad_ones_name_the_field():
+    from tta_engine.errors import ConfigError
+
+    src = {"kind": "local", "path": "x"}
+    cfg = model_config_from_dict("v", {"model_type": "causal_lm", "source": src,
+                                       "validation": {"int4": {"min_top1": 0.5, "max_kl": 1}}})
+    assert dict(cfg.validation["int4"]) == {"min_top1": 0.5, "max_kl": 1.0}
+    for bad, field in [({"int3": {"min_top1": 0.5}}, "validation.int3"),
+                       ({"int4": {"min_cosine": 0.9}}, "validation.int4.min_cosine"),
+                       ({"int4": {"max_kl": "low"}}, "validation.int4.max_kl"),
+                       ({"int4": 0.5}, "validation.int4")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            model_config_from_dict("v", {"model_type": "causal_lm", "source": src, "validation": bad})

@@ -178,7 +178,7 @@ def test_export_killed_midway_leaves_old_artifact_loadable(tiny_configs, tiny_di
     root = tmp_path / "arts"
     cfg_file = tmp_path / "models.toml"
     cfg_file.write_text(
-        f'[models.tiny-phi3]\nmodel_type = "causal_lm"\ncontext_length = 256\n'
+        f'[models.tiny-phi3]\nmodel_type = "causal_lm"\ncontext_length = 256\nvalidation = {{ int4 = {{ min_top1 = 0.5 }} }}\n'
         f'source = {{ kind = "local", path = "{tiny_dirs["phi3"]}" }}\n'
     )
     export_model(tiny_configs["tiny-phi3"], ExportOptions(out_root=root, precision="int8"), quiet=True)
@@ -207,7 +207,7 @@ def test_export_killed_midway_leaves_old_artifact_loadable(tiny_configs, tiny_di
 def test_cli_export_prints_validation(tiny_dirs, tmp_path):
     cfg_file = tmp_path / "models.toml"
     cfg_file.write_text(
-        f'[models.tiny]\nmodel_type = "causal_lm"\ncontext_length = 256\n'
+        f'[models.tiny]\nmodel_type = "causal_lm"\ncontext_length = 256\nvalidation = {{ int4 = {{ min_top1 = 0.5 }} }}\n'
         f'source = {{ kind = "local", path = "{tiny_dirs["llama"]}" }}\n'
     )
     res = subprocess.run([sys.executable, "-m", "tta_engine.cli", "export", "tiny", "--config", str(cfg_file),
