@@ -85,9 +85,9 @@ def test_generation_is_not_evicted_between_lookup_and_submit(tiny_configs, roots
         lm = m._loaded["tiny-llama"].model
         real = lm.encode_prompt
 
-        def encode_while_another_model_loads(prompt):
+        def encode_while_another_model_loads(prompt, tools=None):
             m.load_model("tiny-qwen2")  # max_loaded_models=1: evicts every idle model
-            return real(prompt)
+            return real(prompt, tools)
 
         lm.encode_prompt = encode_while_another_model_loads
         assert run(m.generate(MSGS, "tiny-llama", max_tokens=6, temperature=0)) == ref

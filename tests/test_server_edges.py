@@ -241,11 +241,11 @@ def test_a_slow_prompt_render_does_not_stall_other_streams(default_artifacts, mo
         lm = manager._loaded[name].model
         real, on_loop = lm.encode_prompt, []
 
-        def slow_encode(prompt):
+        def slow_encode(prompt, tools=None):
             if isinstance(prompt, list) and prompt[0]["content"] == "LONG":
                 on_loop.append(asyncio._get_running_loop() is not None)
                 time.sleep(0.5)
-            return real(prompt)
+            return real(prompt, tools)
 
         monkeypatch.setattr(lm, "encode_prompt", slow_encode)
 
