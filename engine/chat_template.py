@@ -55,8 +55,8 @@ def _generation_extension():
     return GenerationBlock
 
 
-@lru_cache(maxsize=16)
-def compile_template(source: str):
+@lru_cache(maxsize=1)
+def _environment():
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -65,11 +65,23 @@ def compile_template(source: str):
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _parsed(source: str, how):
+    """``how(environment, source)``; a template that does not compile raises ChatTemplateError."""
+    import jinja2
+
     try:
-        return env.from_string(source)
+        return how(_environment(), source)
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(f"the model's chat template does not compile ({exc}); fix the template "
                                 "in the source model and re-export it") from exc
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str):
+    return _parsed(source, lambda env, src: env.from_string(src))
 
 
 @lru_cache(maxsize=16)
@@ -77,15 +89,9 @@ def uses_tools(template: str | None) -> bool:
     """Whether ``template`` reads the ``tools`` variable (has a tools section, as Qwen's and Llama 3.1's do)."""
     if not template:
         return False
-    import jinja2
     from jinja2 import meta
 
-    try:
-        return "tools" in meta.find_undeclared_variables(jinja2.Environment(
-            extensions=[_generation_extension(), jinja2.ext.loopcontrols]).parse(template))
-    except jinja2.TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"the model's chat template does not compile ({exc}); fix the template "
-                                "in the source model and re-export it") from exc
+    return "tools" in meta.find_undeclared_variables(_parsed(template, lambda env, src: env.parse(src)))
 
 
 def plain_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:

@@ -54,6 +54,7 @@ class LanguageModel:
         (with ``tools`` in it: into the template's tools section where it has one, else as a system hint;
         engine/tool_calls.py). Invalid prompts raise InvalidInputError / EmptyInputError (engine/inputs.py)."""
         prompt = check_prompt(prompt)
+        template_tools = None
         if tools is not None:
             if isinstance(prompt, str):
                 raise InvalidInputError("tools need a chat prompt (a list of messages), not raw text; pass "
@@ -61,12 +62,10 @@ class LanguageModel:
             from .chat_template import uses_tools
 
             prompt, template_tools = tools.messages(prompt, uses_tools(self.tokenizer.chat_template))
-            check_prompt_size(prompt, self.backend.context_length, self._max_token_chars())
-            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tools=template_tools)
         check_prompt_size(prompt, self.backend.context_length, self._max_token_chars())
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tools=template_tools)
 
     @staticmethod
     def _constraint(response_format: Any, tools: ToolSet | None) -> Any:

@@ -247,6 +247,12 @@ class ToolCallStream:
         return []
 
 
+def ended_with_calls(finish_reason: str | None, called: bool) -> bool:
+    """Whether a reply counts as a tool-call turn: it has calls and ended on its own ("stop"); a reply cut
+    off by max_tokens keeps the finish reason "length" even with complete calls before the cut."""
+    return called and finish_reason == "stop"
+
+
 # --- rendering a conversation with tools -----------------------------------------------------------------
 
 def call_text(name: str, arguments: Mapping[str, Any] | str) -> str:

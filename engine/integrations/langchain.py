@@ -397,8 +397,10 @@ def _usage(usage: dict) -> dict[str, int]:
 
 def _meta(name: str, finish: str, called: bool) -> dict[str, Any]:
     """"tool_calls" when the reply ended (not cut off by max_tokens) with calls, as OpenAI reports it."""
+    from ..tool_calls import ended_with_calls
+
     return {"model_name": name, "model_provider": "tta_engine",
-            "finish_reason": "tool_calls" if called and finish == "stop" else finish}
+            "finish_reason": "tool_calls" if ended_with_calls(finish, called) else finish}
 
 
 class TTAEngineEmbeddings(BaseModel, Embeddings):

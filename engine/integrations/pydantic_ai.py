@@ -45,6 +45,7 @@ from ..tool_calls import (
     ToolCallStream,
     ToolSet,
     call_text,
+    ended_with_calls,
     merge_roles,
     parse_tool_call,
     parse_tool_calls,
@@ -285,7 +286,7 @@ class TTAEngineModel(Model):
                 pass
         completion = state.completion()
         parts = self._parts(completion["text"], plan)
-        tool_call = any(isinstance(p, ToolCallPart) for p in parts) and completion["finish_reason"] == "stop"
+        tool_call = ended_with_calls(completion["finish_reason"], any(isinstance(p, ToolCallPart) for p in parts))
         return ModelResponse(parts=parts, usage=_usage(completion["usage"]), model_name=self._model_name,
                              provider_name=PROVIDER,
                              finish_reason="tool_call" if tool_call else _FINISH.get(completion["finish_reason"]),
@@ -370,7 +371,7 @@ class TTAEngineStreamedResponse(StreamedResponse):
                 rest = []  # several calls, the last cut off by max_tokens: dropped
             for event in self._events(rest, splitter):
                 yield event
-            if splitter.calls and completion["finish_reason"] == "stop":
+            if ended_with_calls(completion["finish_reason"], bool(splitter.calls)):
                 self.finish_reason = "tool_call"
 
     def _events(self, events: list, splitter) -> Iterator[ModelResponseStreamEvent]:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import OverloadedError, StructuredOutputError, TTAEngineError
 from ..generator import GenerationState
-from ..tool_calls import ToolCallStream, parse_tool_calls
+from ..tool_calls import ToolCallStream, ended_with_calls, parse_tool_calls
 from .errors import ShuttingDown, error_body, error_response
 from .hosts import LOOPBACK, HostPolicy
 from .metrics import ServerMetrics
@@ -180,7 +180,7 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the texts of one /v1/embeddings
 
 def _finish(state: GenerationState, called: bool) -> str | None:
     """OpenAI's finish reason: "tool_calls" when the reply ended (not cut off by max_tokens) with calls."""
-    return "tool_calls" if called and state.finish_reason == "stop" else state.finish_reason
+    return "tool_calls" if ended_with_calls(state.finish_reason, called) else state.finish_reason
 
 
 def _call_item(call) -> dict:
@@ -298,13 +298,11 @@ def create_app(manager, *, api_key: str | None = None, max_body_bytes: int = 4 <
 
         def message(text: str) -> tuple[dict, str | None]:
             """The assistant message of a finished reply, and its finish reason."""
-            if schemas is None:
-                return {"role": "assistant", "content": text}, state.finish_reason
-            try:
-                reply = parse_tool_calls(text, schemas)
-            except StructuredOutputError:  # cut off inside a call (max_tokens): the text as it is
-                return {"role": "assistant", "content": text}, state.finish_reason
-            if not reply.calls:
+            reply = None
+            if schemas is not None:
+                with contextlib.suppress(StructuredOutputError):  # cut off inside a call: the text as it is
+                    reply = parse_tool_calls(text, schemas)
+            if reply is None or not reply.calls:
                 return {"role": "assistant", "content": text}, state.finish_reason
             # complete calls are returned; a call cut off by max_tokens is dropped (finish_reason "length")
             return ({"role": "assistant", "content": reply.text or None,
