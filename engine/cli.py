@@ -30,9 +30,8 @@ def cmd_export(args) -> int:
 
     cfg = _cfg(args, args.name)
     precisions = list(dict.fromkeys(args.precision or [cfg.precision]))
-    prefill = None if args.prefill_precision == "none" else args.prefill_precision
     options = ExportOptions(out_root=args.out, graph=args.graph, block_size=args.block_size, cache_dir=args.cache_dir,
-                            prefill_precision=prefill, allow_low_fidelity=args.allow_low_fidelity)
+                            prefill_precision=args.prefill_precision, allow_low_fidelity=args.allow_low_fidelity)
     for art in export_models(cfg, precisions, options):
         precision = art.precision
         val = art.manifest["validation"][precision]
@@ -315,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="artifacts root to write into")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto")
     p.add_argument("--block-size", dest="block_size", type=int, default=32, help="int4 block size")
-    p.add_argument("--prefill-precision", dest="prefill_precision", choices=["int8", "none"], default="int8",
-                   help="extra graph that int4 artifacts use for prompts (int8 prefills faster on VNNI/AMX CPUs)")
+    p.add_argument("--prefill-precision", dest="prefill_precision", choices=["int8", "none"], default=None,
+                   help="extra graph that int4 artifacts use for prompts (int8 prefills faster on VNNI/AMX CPUs, "
+                        "at some fidelity); default: the model config's prefill_graph")
     p.add_argument("--cache-dir", dest="cache_dir", default=None, help="Hugging Face cache dir for hub sources")
     p.add_argument("--allow-low-fidelity", dest="allow_low_fidelity", action="store_true",
                    help="publish even when the validation figures fail the thresholds (marked in the manifest)")

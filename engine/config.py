@@ -38,7 +38,9 @@ class ModelSource:
     - local: ``path`` to a Transformers / sentence-transformers directory.
     - gguf: ``path`` to a .gguf file (or ``repo_id`` + ``file`` on the hub).
     - package: ``package`` (an installed Python distribution's import name) and ``file`` (a GGUF inside
-      it) or ``path`` (a model directory inside it).
+      it) or ``path`` (a model directory inside it). With ``assemble`` (the name of a function of the
+      package that writes ``file`` to the path it is given, e.g. a GGUF split over several wheels), the
+      file is assembled once into the cache (``$TTA_ENGINE_CACHE``, default ``~/.cache/tta-engine``).
     """
 
     kind: str
@@ -49,6 +51,7 @@ class ModelSource:
     package: str | None = None
     file: str | None = None
     install_hint: str | None = None
+    assemble: str | None = None
 
     def describe(self) -> str:
         if self.kind == "hub":
@@ -95,9 +98,9 @@ class ModelConfig:
     memory_bytes: int | None = None
     fallbacks: tuple[str, ...] = ()
     export_on_demand: bool = False  # export a missing artifact when the manager first loads the model
-    # load the artifact's prompt graph (int4 artifacts: an int8 graph, several times faster prompts on
-    # AMX/VNNI CPUs, about +230 MB RSS for SmolLM2); false: prompts run on the decode graph (less memory,
-    # slower first token; other numerics, so texts differ from the default's)
+    # int4 artifacts: export and load an int8 prompt graph (about 2x faster prompts on AMX/VNNI CPUs,
+    # about +170 MB on disk and in RSS for SmolLM2, lower fidelity: dynamic int8 activations); false:
+    # prompts run on the decode graph (less memory, slower first token, the int4 graph's numerics)
     prefill_graph: bool = True
     # export fidelity thresholds per precision, overriding the defaults of export/gate.py:
     # {"int4": {"min_top1": 0.9, "max_kl": 0.05}} for decoders, {"int8": {"min_cosine": 0.98}} for encoders
@@ -133,6 +136,8 @@ class ModelConfig:
         for attr in need:
             if not getattr(self.source, attr):
                 raise _fail(f, n, f"source.{attr}", f"is required for source kind {self.source.kind!r}")
+        if self.source.assemble and not (self.source.kind == "package" and self.source.file):
+            raise _fail(f, n, "source.assemble", "needs source kind 'package' and the file it writes (file = ...)")
         if self.source.kind == "gguf" and not (self.source.path or (self.source.repo_id and self.source.file)):
             raise _fail(f, n, "source.path", "a gguf source needs path (or repo_id and file)")
 

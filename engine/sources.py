@@ -69,6 +69,43 @@ def _resolve_hub(cfg: ModelConfig, cache_dir: str | None) -> ResolvedSource:
     ) from last_exc
 
 
+def cache_root() -> Path:
+    """Where files made from installed packages go: ``$TTA_ENGINE_CACHE``, default ~/.cache/tta-engine."""
+    return Path(os.environ.get("TTA_ENGINE_CACHE") or Path.home() / ".cache" / "tta-engine")
+
+
+def _assembled(cfg: ModelConfig) -> Path:
+    """Call the package's ``assemble(path)`` once (it verifies its own checksum on later calls) and
+    return the file; the file is written under a temporary name and renamed, so a crash leaves none."""
+    import importlib.metadata
+
+    src = cfg.source
+    module = importlib.import_module(src.package)
+    build = getattr(module, src.assemble, None)
+    if not callable(build):
+        raise ModelNotAvailableError(f"model {cfg.name!r}: package {src.package!r} has no function "
+                                     f"{src.assemble!r} to assemble {src.file}. {_hint(cfg)}")
+    dist = importlib.metadata.packages_distributions().get(src.package, [src.package])[0]
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    target = cache_root() / f"{src.package}-{version}" / src.file
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("assembling %s from package %s into %s", src.file, src.package, target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ModelNotAvailableError(f"model {cfg.name!r}: assembling {src.file} from {src.package!r} failed "
+                                     f"({type(exc).__name__}: {exc}). {_hint(cfg)}") from exc
+    return target
+
+
 def resolve_source(cfg: ModelConfig, cache_dir: str | None = None) -> ResolvedSource:
     src = cfg.source
     if src.kind == "hub":
@@ -80,6 +117,9 @@ def resolve_source(cfg: ModelConfig, cache_dir: str | None = None) -> ResolvedSo
                 f"model {cfg.name!r} needs the Python package {src.package!r}, which is not installed. "
                 + _hint(cfg)
             )
+        if src.assemble:
+            path = _assembled(cfg)
+            return ResolvedSource(path.parent, path.name)
         base = Path(next(iter(spec.submodule_search_locations)))
         target = base / (src.file or src.path or "")
     elif src.kind == "gguf" and src.repo_id:

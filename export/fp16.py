@@ -50,9 +50,13 @@ def convert_fp16(src: Path, dst: Path) -> dict:
 def _convert(model, op_block_list: list[str]):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from .fused import ROTARY_PREFIX
+
     keep = [o.name for o in model.graph.output if not o.name.startswith("present.")]  # logits, hidden states
+    # the rotary tables computed in-graph (fused.py) stay fp32: float16 positions stop being exact past 2048
+    rotary = [n.name for n in model.graph.node if n.name.startswith(ROTARY_PREFIX)]
     return convert_float_to_float16(model, keep_io_types=keep, op_block_list=op_block_list,
-                                    disable_shape_infer=True)
+                                    node_block_list=rotary, disable_shape_infer=True)
 
 
 def _cpu_kernel_missing(path: Path) -> str | None:

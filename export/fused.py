@@ -4,7 +4,7 @@ Instead of tracing PyTorch (Optimum: ~7,400 nodes for SmolLM2-135M), the graph i
 block by block with ONNX Runtime contrib ops (domain ``com.microsoft``), the way
 onnxruntime-genai's model builder does it:
 
-* embedding            Gather on the [vocab, hidden] table (Gemma's sqrt(hidden) scale folded in)
+* embedding            Gather on the [vocab, hidden] table (then Gemma's sqrt(hidden) scale)
 * RMSNorm (+ residual) SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization; the
                        ``input_skip_bias_sum`` output carries the residual stream
 * attention            one packed QKV MatMul -> GroupQueryAttention (rotary inside, KV cache
@@ -169,7 +169,7 @@ class _Graph:
     def weight(self, name: str, array) -> str:
         if isinstance(array, torch.Tensor):
             array = array.detach().to(torch.float32).cpu().numpy()
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d scalars 0-d
         t = self.model.graph.initializer.add()
         t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
         t.dims.extend(array.shape)
@@ -279,11 +279,60 @@ def _rotary_tables(rotary_emb, positions: int, width: int) -> tuple[np.ndarray, 
     return cos_t, sin_t
 
 
+ROTARY_PREFIX = "/rotary"  # node names of the computed rotary tables
+
+
+def _computed_tables(g: _Graph, rotary_emb, cos: np.ndarray, sin: np.ndarray, tag: str) -> tuple[str, str] | None:
+    """cos/sin as nodes, scale * cos(range(n) x inv_freq), when that reproduces the module's tables.
+
+    Every input is a constant, so ONNX Runtime folds them into tables once, at session start: the
+    file holds a few hundred bytes instead of n * width * 8 (67 MB for Gemma 3's two 32k tables).
+    Returns None (store the tables) where the module's tables are not of that form.
+    """
+    inv = getattr(rotary_emb, "inv_freq", None)
+    scale = float(getattr(rotary_emb, "attention_scaling", 1.0))
+    if inv is None:
+        return None
+    inv = inv.detach().to(torch.float32).cpu().numpy()
+    n, width = cos.shape
+    half = inv.shape[0]
+    freqs = np.arange(n, dtype=np.float32)[:, None] * inv[None]
+    if half > width or max(np.abs(np.cos(freqs) * np.float32(scale) - cos[:, :half]).max(),
+                           np.abs(np.sin(freqs) * np.float32(scale) - sin[:, :half]).max()) > 1e-5:
+        return None
+    f32 = lambda v: np.array(v, np.float32)  # noqa: E731
+    rng = g.one("Range", [g.weight(f"/rotary{tag}/start", f32(0)), g.weight(f"/rotary{tag}/limit", f32(n)),
+                          g.weight(f"/rotary{tag}/delta", f32(1))], f"/rotary{tag}/Range")
+    col = g.one("Unsqueeze", [rng, g.ints([1])], f"/rotary{tag}/Unsqueeze")
+    freq = g.one("Mul", [col, g.weight(f"/rotary{tag}/inv_freq", inv[None])], f"/rotary{tag}/Mul")
+    out = []
+    for op, pad in (("Cos", 1.0), ("Sin", 0.0)):
+        t = g.one(op, [freq], f"/rotary{tag}/{op}")
+        if scale != 1.0:
+            t = g.one("Mul", [t, g.weight(f"/rotary{tag}/scale_{op}", f32(scale))], f"/rotary{tag}/{op}_scale")
+        if width > half:  # identity pairs of the padded layout (see _rotary_layout)
+            fill = g.one("Expand", [g.weight(f"/rotary{tag}/pad_{op}", f32(pad)), g.ints([n, width - half])],
+                         f"/rotary{tag}/{op}_pad")
+            t = g.one("Concat", [t, fill], f"/rotary{tag}/{op}_concat", axis=1)
+        out.append(g.one("Identity", [t], f"/rotary{tag}/{op.lower()}_cache"))
+    # typed for fp16 conversion (export/fp16.py keeps these nodes in fp32: positions up to 32k lose their
+    # integer precision in float16), which casts at their boundary only where it knows the types
+    for node in g.nodes:
+        if node.name.startswith(ROTARY_PREFIX + tag + "/"):
+            g.model.graph.value_info.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                            for o in node.output)
+    return out[0], out[1]
+
+
 def _rotary_caches(g: _Graph, rotary_emb, spec: _Spec, width: int, tag: str) -> tuple[str, str]:
-    """Initializers cos/sin [max_cache_len, width]; for longrope, Where(total > original, long, short)."""
+    """cos/sin [max_cache_len, width]; for longrope, Where(total > original, long, short)."""
     n, config = spec.max_cache_len, rotary_emb.config
     orig = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
     cos, sin = _rotary_tables(rotary_emb, n, width)  # long factors if n > orig
+    if getattr(rotary_emb, "rope_type", "default") != "longrope" or n <= orig:
+        computed = _computed_tables(g, rotary_emb, cos, sin, tag)
+        if computed is not None:
+            return computed
     names = g.weight(f"cos_cache{tag}", cos), g.weight(f"sin_cache{tag}", sin)
     if getattr(rotary_emb, "rope_type", "default") != "longrope" or n <= orig:
         return names
@@ -303,12 +352,16 @@ def _rotary_caches(g: _Graph, rotary_emb, spec: _Spec, width: int, tag: str) -> 
 
 
 def _embedding(g: _Graph, model, spec: _Spec) -> str:
-    """input_ids [B, S] -> hidden [B, S, D]; Gemma's scale is folded into the table (same fp32 product)."""
+    """input_ids [B, S] -> hidden [B, S, D]; Gemma's scale as a Mul after the lookup (the same fp32
+    product as scaling the table), so that a tied table stays equal to the LM head's weight and the
+    int4 export can keep one copy of it."""
     table = model.model.embed_tokens.weight.detach().to(torch.float32)
-    if spec.embed_scale is not None:
-        table = table * torch.tensor(spec.embed_scale, dtype=torch.float32)
     w = g.weight("model.embed_tokens.weight", table)
-    return g.one("Gather", [w, "input_ids"], "/model/embed_tokens/Gather")
+    x = g.one("Gather", [w, "input_ids"], "/model/embed_tokens/Gather")
+    if spec.embed_scale is not None:
+        scale = g.weight("/model/embed_tokens/scale", np.array(spec.embed_scale, np.float32))
+        x = g.one("Mul", [x, scale], "/model/embed_tokens/Mul")
+    return x
 
 
 def _norm(g: _Graph, x: str, gamma: torch.Tensor, spec: _Spec, name: str) -> str:

@@ -57,9 +57,11 @@ class ExportOptions:
     graph: str = "auto"  # auto | fused | optimum
     block_size: int = 32
     greedy_steps: int = 32
-    # int4 artifacts also carry an int8 graph for prompts: MatMulNBits prefills slowly on CPUs where
-    # int8 GEMMs run on VNNI/AMX (SmolLM2, 272 tokens: 357 ms int4 vs 97 ms int8). None to omit it.
-    prefill_precision: str | None = "int8"
+    # int4 artifacts may carry an int8 graph for prompts: MatMulNBits prefills slowly on CPUs where
+    # int8 GEMMs run on VNNI/AMX (SmolLM2, 272 tokens: 337 ms int4 vs 170 ms with it), but its
+    # dynamic activation quantization costs fidelity (SmolLM2 greedy agreement 0.48 -> 0.07) and
+    # ~170 MB. "int8" or "none"; None: the model config's prefill_graph decides (true: "int8").
+    prefill_precision: str | None = None
     cache_dir: str | None = None
     opset: int | None = None
     # publish an artifact whose validation figures fail the gate (export/gate.py), marked low fidelity
@@ -278,6 +280,8 @@ class DecoderExport:
             return self.fp32_path, {"method": None}
         path, qmeta = self._quantized(precision)
         prefill_precision = self.options.prefill_precision
+        if prefill_precision is None:
+            prefill_precision = "int8" if self.cfg.prefill_graph else "none"
         if precision == "int4" and self.graph == "fused" and prefill_precision not in (None, "none", precision):
             prefill_path, prefill_meta = self._quantized(prefill_precision)
             shutil.copy2(prefill_path, path.parent / "prefill.onnx")  # next to model_int4.onnx for validation

@@ -1,11 +1,12 @@
 """Stage 4: weight quantization with ONNX Runtime's quantizers.
 
-- int8: dynamic, per-channel (MatMulInteger with int8 weights), the LM head and the embedding Gather
-  included; activations quantized per token (``per_token_activations``), not per tensor.
+- int8: dynamic, per-channel (MatMulInteger with 7-bit weights, see ``quantize_int8``), the LM head and
+  the embedding Gather included; activations quantized per token (``per_token_activations``).
 - int4: weight-only blockwise (MatMulNBits, configurable block size) for every layer MatMul; weights
-  already on a 4-bit grid (GGUF sources) are re-encoded exactly (grid4.py). The LM head and the
-  embedding table (GatherBlockQuantized) are quantized too, at 8 bits by default: on small models with
-  large vocabularies they dominate both the bytes read per token and the error.
+  already on a block grid (GGUF sources) are re-encoded exactly at 4 or 8 bits (grid.py). The LM head
+  and the embedding table (GatherBlockQuantized) are quantized too, at 8 bits by default: on small
+  models with large vocabularies they dominate both the bytes read per token and the error. A tied
+  table is stored once: the lookup reads the head's quantized weight.
 """
 
 from __future__ import annotations
@@ -61,13 +62,17 @@ def _load_untied(src: Path) -> onnx.ModelProto:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
+    """Weights on 7 bits ([-64, 63], ``reduce_range``): on x86 CPUs without VNNI (AVX2 only, e.g. AMD
+    Zen 2/3) ORT's uint8 x int8 kernel adds pairs of products in int16 with saturation (vpmaddubsw:
+    255 * 127 * 2 > 32767), and full-range weights broke the graph there (tiny Llama: top-1 0.63); 7-bit
+    weights cannot saturate, so one artifact computes the same on every CPU (VNNI, AMX, AVX2)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     untied = dst.with_name(dst.stem + ".untied.onnx")
     save_onnx(_load_untied(src), untied)
     try:
         quantize_dynamic(
-            untied, dst, per_channel=True, weight_type=QuantType.QInt8,
+            untied, dst, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gather"],
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -229,12 +234,90 @@ def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
+def _embedding_gather(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The Gather that looks token ids up in a constant [vocab, hidden] table, if there is one."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and node.input[0] in inits and axis == 0 and len(inits[node.input[0]].dims) == 2:
+            return node
+    return None
+
+
+def _is_tied(model: onnx.ModelProto, head: str | None) -> bool:
+    """True when the LM head's weight [hidden, vocab] is the embedding table [vocab, hidden] transposed."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    gather = _embedding_gather(model)
+    node = next((n for n in model.graph.node if n.name == head), None)
+    if gather is None or node is None:
+        return False
+    inits = {i.name: i for i in model.graph.initializer}
+    if node.input[1] not in inits or list(inits[node.input[1]].dims) != list(inits[gather.input[0]].dims)[::-1]:
+        return False
+    return bool(np.array_equal(numpy_helper.to_array(inits[node.input[1]]).T,
+                               numpy_helper.to_array(inits[gather.input[0]])))
+
+
+def share_tied_embedding(model: onnx.ModelProto, head_output: str) -> bool:
+    """Make the embedding lookup read the 8-bit LM head's quantized weight: one copy of a tied table.
+
+    MatMulNBits stores B as uint8 [vocab, hidden / block, block] at 8 bits, which is GatherBlockQuantized's
+    layout with quantize_axis 2; its scales [vocab * blocks] (and zero points) are reshaped to
+    [vocab, blocks, 1] by constant nodes and the looked-up rows back to [..., hidden]. Call only when the
+    head and the table were equal (``_is_tied``); returns False (nothing changed) unless the head is an
+    8-bit MatMulNBits without a correction term."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == head_output), None)
+    gather = _embedding_gather(model)
+    if head is None or gather is None:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    if attrs.get("bits") != 8 or len(head.input) > 4 or (len(head.input) == 4 and not head.input[3]):
+        return False
+    vocab, hidden, block = attrs["N"], attrs["K"], attrs["block_size"]
+    prefix = "/model/embed_tokens/shared"
+    shape3 = numpy_helper.from_array(np.array([vocab, hidden // block, 1], np.int64), f"{prefix}/blocks_shape")
+    hidden_dim = numpy_helper.from_array(np.array([hidden], np.int64), f"{prefix}/hidden")
+    graph.initializer.extend([shape3, hidden_dim])
+    ids, out = gather.input[1], gather.output[0]
+    nodes = [helper.make_node("Reshape", [head.input[2], shape3.name], [f"{prefix}/scales"], name=f"{prefix}/scales")]
+    gbq_inputs = [head.input[1], ids, f"{prefix}/scales"]
+    if len(head.input) == 4:
+        nodes.append(helper.make_node("Reshape", [head.input[3], shape3.name], [f"{prefix}/zero_points"],
+                                      name=f"{prefix}/zero_points"))
+        gbq_inputs.append(f"{prefix}/zero_points")
+    nodes += [
+        helper.make_node("GatherBlockQuantized", gbq_inputs, [f"{prefix}/rows"], name=f"{prefix}/Gather",
+                         domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=2),
+        helper.make_node("Shape", [ids], [f"{prefix}/ids_shape"], name=f"{prefix}/ids_shape"),
+        helper.make_node("Concat", [f"{prefix}/ids_shape", hidden_dim.name], [f"{prefix}/out_shape"],
+                         name=f"{prefix}/out_shape", axis=0),
+        helper.make_node("Reshape", [f"{prefix}/rows", f"{prefix}/out_shape"], [out], name=f"{prefix}/Reshape"),
+    ]
+    index = list(graph.node).index(gather)
+    del graph.node[index]
+    for k, nd in enumerate(nodes):
+        graph.node.insert(index + k, nd)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    _ensure_opset(model, "com.microsoft", 1)
+    return True
+
+
 def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4,
                   head_bits: int = 8) -> dict:
     """Weight-only int4 for the layers; LM head and embedding at ``head_bits`` (8 by default).
 
-    Layers whose weights already lie on a 4-bit grid (GGUF sources) are re-encoded exactly
-    (export/grid4.py); the others are quantized round-to-nearest, symmetric, blockwise by ORT.
+    Weights already on a block grid (GGUF sources: Q4_0 ... Q8_0 and the K-quants, the head included) are
+    re-encoded exactly at 4 or 8 bits (export/grid.py); the others are quantized round-to-nearest,
+    symmetric, blockwise by ORT. A tied embedding reads the head's 8-bit weight (one copy on disk).
     Returns what was done, for the manifest.
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -242,19 +325,21 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
         MatMulNBitsQuantizer,
     )
 
-    from .grid4 import encode_grid_weights
+    from .grid import encode_grid_weights
 
     model = _load_untied(src)
     head = lm_head_node(model)
-    grid = encode_grid_weights(model, block_size=block_size, accuracy_level=accuracy_level,
-                               skip=(head,) if head else ())
+    head_output = next((n.output[0] for n in model.graph.node if n.name == head), None)
+    tied = _is_tied(model, head)
+    grid = encode_grid_weights(model, accuracy_level=accuracy_level)
+    head_on_grid = head in grid.encoded
     rtn = MatMulNBitsQuantizer(
         model, nodes_to_exclude=grid.correction_nodes + ([head] if head else []),
         algo_config=DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
                                                  accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",)))
     rtn.process()
     model = rtn.model.model
-    if head:
+    if head and not head_on_grid:
         head_q = MatMulNBitsQuantizer(
             model, nodes_to_include=[head], nodes_to_exclude=grid.correction_nodes,
             algo_config=DefaultWeightOnlyQuantConfig(
@@ -262,13 +347,18 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
                 op_types_to_quantize=("MatMul",)))
         head_q.process()
         model = head_q.model.model
-    gathers = quantize_embedding_8bit(model, block_size)
+    shared = tied and share_tied_embedding(model, head_output)
+    gathers = [] if shared else quantize_embedding_8bit(model, block_size)
     save_onnx(model, dst)
+    head_grid = grid.encoded.get(head)
+    layers = {k: v for k, v in grid.encoded.items() if k != head}
     return {"method": "MatMulNBits weight-only", "bits": 4, "block_size": block_size,
-            "accuracy_level": accuracy_level, "exact_grid_matrices": len(grid.encoded),
+            "accuracy_level": accuracy_level, "exact_grid_matrices": len(layers),
+            "exact_grid_layouts": grid.summary(),
             "rtn_matrices": sum(1 for n in model.graph.node if n.op_type == "MatMulNBits") - len(grid.encoded)
-            - (1 if head else 0),
-            "lm_head": {"node": head, "bits": head_bits}, "embedding_bits": 8 if gathers else None}
+            - (0 if head_on_grid or not head else 1),
+            "lm_head": {"node": head, "bits": head_grid.bits if head_grid else head_bits, "exact_grid": head_on_grid},
+            "embedding_bits": 8 if (gathers or shared) else None, "tied_embedding_shared": shared}
 
 
 def save_onnx(model: onnx.ModelProto, dst: Path) -> None:
@@ -307,7 +397,8 @@ def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32) -> d
 def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> dict:
     if precision == "int8":
         quantize_int8(src, dst)
-        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "activations": "int8 per token",
+        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "weight_range": "7-bit (reduce_range)",
+                "activations": "uint8 per token",
                 "lm_head": True, "embedding": "int8 Gather + DequantizeLinear"}
     if precision == "int4":
         return quantize_int4(src, dst, block_size=block_size)

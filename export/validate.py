@@ -1,6 +1,7 @@
 """Stage 5: numeric validation of an exported graph against the PyTorch source model.
 
-Decoders: on fixed prompts, teacher-forced through the KV-cached ORT decode path one token at a time:
+Decoders: on fixed prompts, teacher-forced along the runtime's path (half the prompt in one forward, on
+the int4 artifact's prompt graph where it has one, then one token at a time through the KV cache):
 max |Δlogit|, top-1 agreement and mean KL(p_torch || p_onnx); then greedy decoding for 32 steps from
 each prompt in both, reporting the fraction of tokens equal before the first divergence.
 Encoders: cosine similarity with sentence-transformers on a fixed text set.
@@ -70,17 +71,24 @@ def torch_reference(model, prompts: list[list[int]], greedy_steps: int) -> list[
 
 
 def onnx_run(decoder, ids: list[int], greedy_steps: int) -> tuple[np.ndarray, list[int]]:
-    """Teacher-forced logits, one token at a time through the KV cache (the decode path), and greedy
-    tokens the way the runtime produces them: the whole prompt prefilled at once, then decode steps."""
+    """Teacher-forced logits [seq, vocab] along the runtime's own path: the first half of the prompt in
+    one forward (on the prompt graph where the artifact has one: its last position's logits and the KV
+    it writes count), the rest one token at a time through the KV cache on top of it; the positions
+    before the prompt's half, one token at a time from an empty cache. Then greedy tokens the way the
+    runtime produces them: the whole prompt at once, then decode steps."""
+    half = max(2, len(ids) // 2) if len(ids) >= 2 else len(ids)
     cache = decoder.new_cache(1, capacity=len(ids) + greedy_steps + 1)
-    rows = np.stack([decoder.forward(cache, np.array([[t]]))[0] for t in ids])
+    rows = [decoder.forward(cache, np.array([[t]]))[0] for t in ids[:half - 1]]
+    cache = decoder.new_cache(1, capacity=len(ids) + greedy_steps + 1)
+    rows.append(decoder.forward(cache, np.array([ids[:half]]))[0])
+    rows += [decoder.forward(cache, np.array([[t]]))[0] for t in ids[half:]]
     cache = decoder.new_cache(1, capacity=len(ids) + greedy_steps + 1)
     nxt = int(decoder.forward(cache, np.array([ids]))[0].argmax())
     tokens = []
     for _ in range(greedy_steps):
         tokens.append(nxt)
         nxt = int(decoder.forward(cache, np.array([[nxt]]))[0].argmax())
-    return rows, tokens
+    return np.stack(rows), tokens
 
 
 def compare_decoder(refs: list[dict], decoder, prompts: list[list[int]], greedy_steps: int) -> dict:
