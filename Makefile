@@ -40,7 +40,7 @@ bench: setup
 	$(BIN)/tta-engine bench --out bench-results
 
 docs: setup
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check engine export tests benchmarks
