@@ -24,7 +24,7 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
-    from .quantize import save_onnx
+    from .onnx_io import save_onnx
 
     blocked: list[str] = []
     for _ in range(MAX_RETRIES):

@@ -44,7 +44,8 @@ from tta_engine.sources import (
 from tta_engine.tokenizer import Tokenizer
 
 from . import gate, validate
-from .quantize import quantize, save_onnx
+from .onnx_io import save_onnx
+from .quantize import quantize
 
 STAGES = ("load", "export", "optimize", "quantize", "validate", "write")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import onnx
 
+from .onnx_io import save_onnx
+
 log = logging.getLogger(__name__)
 
 
@@ -359,14 +361,6 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
             - (0 if head_on_grid or not head else 1),
             "lm_head": {"node": head, "bits": head_grid.bits if head_grid else head_bits, "exact_grid": head_on_grid},
             "embedding_bits": 8 if (gathers or shared) else None, "tied_embedding_shared": shared}
-
-
-def save_onnx(model: onnx.ModelProto, dst: Path) -> None:
-    """Save ``model``; weights go to ``<dst>.data`` beside it when the model is too big for one protobuf."""
-    if model.ByteSize() > 1_500_000_000:
-        onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
-    else:
-        onnx.save_model(model, str(dst))
 
 
 class _ThreadQuiet(logging.Filter):
