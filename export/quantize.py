@@ -1,6 +1,6 @@
 """Stage 4: weight quantization with ONNX Runtime's quantizers.
 
-- int8: dynamic, per-channel (MatMulInteger with 7-bit weights, see ``quantize_int8``), the LM head and
+- int8: dynamic, per-channel (MatMulInteger with uint8 weights, see ``quantize_int8``), the LM head and
   the embedding Gather included; activations quantized per token (``per_token_activations``).
 - int4: weight-only blockwise (MatMulNBits, configurable block size) for every layer MatMul; weights
   already on a block grid (GGUF sources) are re-encoded exactly at 4 or 8 bits (grid.py). The LM head
@@ -64,17 +64,18 @@ def _load_untied(src: Path) -> onnx.ModelProto:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """Weights on 7 bits ([-64, 63], ``reduce_range``): on x86 CPUs without VNNI (AVX2 only, e.g. AMD
-    Zen 2/3) ORT's uint8 x int8 kernel adds pairs of products in int16 with saturation (vpmaddubsw:
-    255 * 127 * 2 > 32767), and full-range weights broke the graph there (tiny Llama: top-1 0.63); 7-bit
-    weights cannot saturate, so one artifact computes the same on every CPU (VNNI, AMX, AVX2)."""
+    """Weights as uint8 (asymmetric per channel), activations uint8 per token: ORT's uint8 x int8 kernel on
+    x86 CPUs without VNNI (AVX2 only, e.g. AMD Zen 2/3) adds pairs of products in int16 with saturation
+    (vpmaddubsw: 255 * 127 * 2 > 32767), which broke int8-weight graphs there (tiny Llama: top-1 0.63);
+    7-bit weights (``reduce_range``) avoid it at a fidelity cost (SmolLM2 top-1 0.80). uint8 x uint8
+    never saturates and keeps 8-bit weights, so one artifact computes well on every CPU."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     untied = dst.with_name(dst.stem + ".untied.onnx")
     save_onnx(_load_untied(src), untied)
     try:
         quantize_dynamic(
-            untied, dst, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
+            untied, dst, per_channel=True, weight_type=QuantType.QUInt8,
             op_types_to_quantize=["MatMul", "Gather"],
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -391,7 +392,7 @@ def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32) -> d
 def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> dict:
     if precision == "int8":
         quantize_int8(src, dst)
-        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "weight_range": "7-bit (reduce_range)",
+        return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "weights": "uint8 per channel",
                 "activations": "uint8 per token",
                 "lm_head": True, "embedding": "int8 Gather + DequantizeLinear"}
     if precision == "int4":
