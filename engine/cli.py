@@ -231,6 +231,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _serve_ray(args, api_key) -> int:
+    from .server.hosts import default_allowed_hosts
+    from .server.ray_app import RaySettings, require_ray, start
+
+    require_ray()  # the install hint before anything else
+    from .manager import TransformersModelManager
+
+    configs = _configs(args)
+    names = TransformersModelManager(configs)  # loads nothing: resolves the names before Ray starts
+    preload = tuple(names.resolve_name(name) for name in args.models)
+    app_kwargs = dict(api_key=api_key, max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace,
+                      allowed_hosts=tuple(args.allowed_hosts or ()) or default_allowed_hosts(args.host),
+                      allowed_origins=tuple(args.allowed_origins or ()), docs=args.docs,
+                      max_embedding_requests=args.max_embedding_requests)
+    settings = RaySettings(configs=configs, artifacts_root=args.artifacts, replicas=args.replicas or 2,
+                           threads=args.threads, backend=args.backend, device=args.device, max_batch=args.max_batch,
+                           max_queue=args.max_queue, max_loaded_models=args.max_loaded_models,
+                           preload=preload, autoscaling=args.autoscale, app_kwargs=app_kwargs)
+    settings.replica_threads()  # a bad --threads fails here
+    print(f"serving {settings.replicas} Ray Serve replica(s) on http://{args.host}:{args.port} "
+          f"({settings.replica_threads()} thread(s) each); Ctrl-C or SIGTERM drains and stops", file=sys.stderr)
+    start(settings, args.host, args.port, address=args.address, blocking=True)
+    return 0
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -243,6 +268,10 @@ def cmd_serve(args) -> int:
         if not api_key:
             raise TTAEngineError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty; "
                                  "export the key in it (or drop the option to serve without a key)")
+    if args.ray:
+        return _serve_ray(args, api_key)
+    if args.replicas is not None or args.address is not None or args.autoscale:
+        raise TTAEngineError("--replicas, --address and --autoscale belong to a Ray deployment: add --ray")
     manager = TransformersModelManager(_configs(args), artifacts_root=args.artifacts, backend=args.backend,
                                        threads=args.threads, max_batch=args.max_batch, max_queue=args.max_queue,
                                        max_loaded_models=args.max_loaded_models, device=args.device)
@@ -401,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
     p.add_argument("--max-embedding-requests", dest="max_embedding_requests", type=int, default=64,
                    help="/v1/embeddings requests running or waiting before 429")
+    p.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve with session affinity "
+                   "(extra 'ray'; docs/ray.md)")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: replicas (default 2); --threads "
+                   "is per replica (default: physical cores // replicas)")
+    p.add_argument("--address", default=None, help="with --ray: the Ray cluster ('auto', 'ray://HOST:10001'); "
+                   "default: start one on this machine")
+    p.add_argument("--autoscale", action="store_true",
+                   help="with --ray: autoscale between 1 and --replicas on the ongoing requests")
     p.set_defaults(func=cmd_serve)
 
     _add_bench(sub)

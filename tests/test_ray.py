@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 
 import httpx
@@ -17,8 +18,7 @@ import pytest
 from helpers import wait_until
 from tta_engine.server.ray_proxy import session_key
 
-ray = pytest.importorskip("ray", reason="needs the extra 'ray': pip install 'tta-engine[ray]'")
-serve = pytest.importorskip("ray.serve")
+ray = serve = None  # imported by the cluster fixture (the tests of the key and the hint run without Ray)
 
 LM = "tiny-llama"
 MSGS = [{"role": "system", "content": "You narrate a calm forest."},
@@ -31,8 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_without_ray_the_error_names_the_extra(monkeypatch):
+    from tta_engine.errors import BackendUnavailableError
+    from tta_engine.server.ray_app import require_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'tta-engine\[ray\]'"):
+        require_ray()
+
+
 @pytest.fixture(scope="module")
 def cluster():
+    global ray, serve
+    ray = pytest.importorskip("ray", reason="needs the extra 'ray': pip install 'tta-engine[ray]'")
+    serve = pytest.importorskip("ray.serve")
     from tta_engine.server.ray_app import PROXY_CALLBACK
 
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = PROXY_CALLBACK  # the raylet passes it on
