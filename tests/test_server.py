@@ -292,8 +292,19 @@ def test_full_queue_answers_429_with_retry_after(configs, artifacts):
     async def main(url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             body = {"model": LM, "messages": MSGS, "max_tokens": 200, "temperature": 0}
-            rs = await asyncio.gather(*[http.post("/v1/chat/completions", json=body) for _ in range(6)])
-            return rs
+            started = asyncio.Event()
+
+            async def first():  # running for sure (its first chunk came) before the others arrive
+                async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                    async for _ in r.aiter_lines():
+                        started.set()
+                    started.set()
+                    return r
+
+            head = asyncio.create_task(first())
+            await asyncio.wait_for(started.wait(), 60)
+            rest = await asyncio.gather(*[http.post("/v1/chat/completions", json=body) for _ in range(5)])
+            return [await head, *rest]
 
     with live_server(manager, preload=(LM,)) as (_, url):
         rs = asyncio.run(main(url))
