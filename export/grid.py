@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_io import drop_unused_initializers
+
 TOL = 1e-3  # of one quantization step: a block within it is on the grid (float rounding is ~1e-5 here)
 SAMPLE = 256  # blocks tried first, so that a matrix off any grid is rejected after a few cheap passes
 
@@ -191,10 +193,7 @@ def encode_grid_weights(model: onnx.ModelProto, *, accuracy_level: int = 4, skip
             ]
             result.correction_nodes += names
         result.encoded[node.name] = grid
-    used = {i for nd in nodes for i in nd.input}
-    keep = [i for i in graph.initializer if i.name in used]
     del graph.node[:]
     graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused_initializers(graph)
     return result

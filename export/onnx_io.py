@@ -1,4 +1,5 @@
-"""Saving ONNX models, shared by the export stages (quantize.py, fp16.py, pipeline.py)."""
+"""Saving ONNX models and pruning their graphs, shared by the export stages (quantize.py, grid.py, fp16.py,
+pipeline.py)."""
 
 from __future__ import annotations
 
@@ -13,3 +14,11 @@ def save_onnx(model: onnx.ModelProto, dst: Path) -> None:
         onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
     else:
         onnx.save_model(model, str(dst))
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers no node reads any more (the weights a rewrite replaced)."""
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from .onnx_io import save_onnx
+from .onnx_io import drop_unused_initializers, save_onnx
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +224,7 @@ def quantize_embedding_8bit(model: onnx.ModelProto, block_size: int = 32) -> lis
             gather_axis=0, quantize_axis=1))
         done.append(node.name)
     if done:
-        used = {i for n in graph.node for i in n.input}
-        keep = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        drop_unused_initializers(model.graph)
         _ensure_opset(model, "com.microsoft", 1)
     return done
 
@@ -306,10 +303,7 @@ def share_tied_embedding(model: onnx.ModelProto, head_output: str) -> bool:
     del graph.node[index]
     for k, nd in enumerate(nodes):
         graph.node.insert(index + k, nd)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused_initializers(model.graph)
     _ensure_opset(model, "com.microsoft", 1)
     return True
 
