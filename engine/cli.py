@@ -232,6 +232,7 @@ def cmd_demo(args) -> int:
 
 
 def _serve_ray(args, api_key) -> int:
+    from .artifact import default_artifacts_dir
     from .server.hosts import default_allowed_hosts
     from .server.ray_app import RaySettings, require_ray, start
 
@@ -245,7 +246,9 @@ def _serve_ray(args, api_key) -> int:
                       allowed_hosts=tuple(args.allowed_hosts or ()) or default_allowed_hosts(args.host),
                       allowed_origins=tuple(args.allowed_origins or ()), docs=args.docs,
                       max_embedding_requests=args.max_embedding_requests)
-    settings = RaySettings(configs=configs, artifacts_root=args.artifacts, replicas=args.replicas or 2,
+    # replicas run in Ray's worker directories: a relative (or the default ./artifacts) root is this one's
+    root = str((args.artifacts or default_artifacts_dir()).resolve())
+    settings = RaySettings(configs=configs, artifacts_root=root, replicas=args.replicas or 2,
                            threads=args.threads, backend=args.backend, device=args.device, max_batch=args.max_batch,
                            max_queue=args.max_queue, max_loaded_models=args.max_loaded_models,
                            preload=preload, autoscaling=args.autoscale, app_kwargs=app_kwargs)
