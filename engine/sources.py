@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +135,38 @@ def resolve_source(cfg: ModelConfig, cache_dir: str | None = None) -> ResolvedSo
     if target.is_file():
         return ResolvedSource(target.parent, target.name)
     return ResolvedSource(target)
+
+
+_GGUF_LOCK = threading.Lock()
+
+
+@contextmanager
+def gguf_parsed_once():
+    """Within the block, every ``gguf.GGUFReader(path)`` of one path returns the same reader.
+
+    Transformers parses a GGUF file's header again for the config, the tokenizer and the weights
+    (``load_gguf_checkpoint`` -> ``gguf.GGUFReader``), and the header of a 262k-token vocabulary is 262k
+    strings read one by one: about 10 s per parse. The reader is read-only (a memmap), so one parse serves
+    every caller. Serialized by a lock: the patched name is module-global."""
+    try:
+        import gguf
+    except ImportError:  # no GGUF support installed: nothing to share
+        yield
+        return
+    with _GGUF_LOCK:
+        real, readers = gguf.GGUFReader, {}
+
+        def shared(path, mode="r"):
+            key = (os.path.realpath(os.fspath(path)), mode)
+            if key not in readers:
+                readers[key] = real(path, mode)
+            return readers[key]
+
+        gguf.GGUFReader = shared
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = real
 
 
 def load_tokenizer(cfg: ModelConfig, resolved: ResolvedSource):

@@ -37,6 +37,7 @@ from tta_engine.errors import ExportError
 from tta_engine.sources import (
     ResolvedSource,
     eos_token_ids,
+    gguf_parsed_once,
     load_tokenizer,
     load_torch_causal_lm,
     resolve_source,
@@ -202,9 +203,10 @@ class DecoderExport:
         cfg, progress = self.cfg, self.progress
         progress.stage("load", f"loading {cfg.source.describe()} in PyTorch")
         self.resolved = resolve_source(cfg, self.options.cache_dir)
-        self.hf_tokenizer = hf_tokenizer = load_tokenizer(cfg, self.resolved)
+        with gguf_parsed_once():  # the config, tokenizer and weights read one parse of a GGUF's header
+            self.hf_tokenizer = hf_tokenizer = load_tokenizer(cfg, self.resolved)
+            self.model = model = load_torch_causal_lm(cfg, self.resolved)
         self.tokenizer = Tokenizer.from_transformers(hf_tokenizer)
-        self.model = model = load_torch_causal_lm(cfg, self.resolved)
         c = model.config
         self.meta: dict[str, Any] = {
             "num_layers": c.num_hidden_layers,

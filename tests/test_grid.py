@@ -121,3 +121,29 @@ def test_tied_embedding_is_stored_once(tmp_path, on_grid):
     rows = emb.reshape(-1, 64).astype(np.float64)  # the six looked-up tokens, in ids' order
     dense = np.einsum("bsh,vh->bsv", h.astype(np.float64), rows)
     np.testing.assert_allclose(logits[..., ids.reshape(-1)], dense, rtol=0, atol=1e-4 * np.abs(dense).max())
+
+
+def test_gguf_header_is_parsed_once_within_a_load(tmp_path):
+    """Transformers opens a GGUF for the config, the tokenizer and the weights; inside
+    ``gguf_parsed_once`` they share one parse (the 262k-token header of Gemma 3 costs ~10 s per parse),
+    and the real reader is back afterwards."""
+    import gguf
+    from tta_engine.sources import gguf_parsed_once
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list([f"tok{i}" for i in range(64)])
+    w.add_tensor("w", np.arange(32, dtype=np.float32).reshape(4, 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    real = gguf.GGUFReader
+    with gguf_parsed_once():
+        a, b = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert a is b
+        assert [bytes(a.fields["tokenizer.ggml.tokens"].parts[i]).decode()
+                for i in a.fields["tokenizer.ggml.tokens"].data[:2]] == ["tok0", "tok1"]
+        np.testing.assert_array_equal(np.asarray(a.tensors[0].data).reshape(4, 8),
+                                      np.arange(32, dtype=np.float32).reshape(4, 8))
+    assert gguf.GGUFReader is real and real(path) is not a

@@ -261,8 +261,23 @@ class LlamaCppLM(LMEngine):
                 break
         return _timed_sample(ids, t0, times, toks)
 
+    def teacher_forced_logits(self, ids):
+        """llama.cpp's own logits at every prompt position (``logits_all``), from a second context sized to
+        the prompt: ``scores`` is [n_ctx, vocab] float32, 4 GB at n_ctx 4096 for a 262k vocabulary."""
+        import numpy as np
+        from llama_cpp import Llama
+
+        n_ctx = max(64, 1 << (len(ids) - 1).bit_length())
+        if getattr(self, "_scorer", None) is None or self._scorer.n_ctx() < n_ctx:
+            threads = self.spec.get("threads") or _physical_cores()
+            self._scorer = Llama(model_path=self.spec["path"], n_ctx=n_ctx, n_threads=threads,
+                                 n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+        self._scorer.reset()
+        self._scorer.eval(list(ids))
+        return np.array(self._scorer.scores[: len(ids)], dtype=np.float32)
+
     def close(self):
-        self.llm = None
+        self.llm = self._scorer = None
 
 
 class OrtGenAILM(LMEngine):
