@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 import httpx
-from compare_server import free_port, messages, pct, start, stop
+from compare_server import free_port, messages, pct, sse_chunks, start, stop
 from tta_engine.config import load_model_configs
 
 SYSTEM = ("You are the gentle narrator of a calming text adventure. The player walks through a quiet valley "
@@ -113,10 +113,7 @@ async def stream(http: httpx.AsyncClient, url: str, body: dict, headers: dict) -
     async with http.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
         r.raise_for_status()
         replica = r.headers.get("x-tta-replica", "plain")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):

@@ -77,6 +77,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # -- clients ------------------------------------------------------------------------------------------------
+async def sse_chunks(response: httpx.Response):
+    """The JSON chunks of an OpenAI SSE stream, up to ``[DONE]``."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 async def http_stream(http: httpx.AsyncClient, model: str, i: int, tokens: int, fixed: bool) -> tuple[float, int]:
     """One streaming chat request: (seconds to the first content delta, completion tokens)."""
     body = {"model": model, "messages": messages(i), "max_tokens": tokens, "temperature": 0, "stream": True,
@@ -86,10 +93,7 @@ async def http_stream(http: httpx.AsyncClient, model: str, i: int, tokens: int, 
     t0, ttft, n, deltas = time.perf_counter(), None, 0, 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):

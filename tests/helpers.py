@@ -50,3 +50,30 @@ def two_turns(sched, lm, prompts) -> list[list[int]]:
         return first + again
 
     return asyncio.run(main())
+
+
+def serve_subprocess(root, models: list[str], timeout: float = 180.0):
+    """``tta-engine serve`` on a free loopback port over ``root``'s artifacts (onnx backend), waited for
+    until /health lists every model: (process, base URL). The caller stops it (SIGTERM) and checks its exit."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tta_engine.cli", "serve", "--artifacts", str(root), "--port",
+                             str(port), "--models", *models, "--backend", "onnx"], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline, up = time.monotonic() + timeout, False
+    while not up and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            up = set(models) <= set(httpx.get(url + "/health", timeout=2).json().get("loaded_models", []))
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    if not up:
+        reason = proc.stderr.read() if proc.poll() is not None else "server not ready"
+        proc.kill()
+        raise AssertionError(reason)
+    return proc, url

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import serve_subprocess
 
 pytestmark = pytest.mark.e2e
 LM, EMB = "smollm2-135m-instruct", "all-minilm-l6-v2"
@@ -90,28 +91,14 @@ def test_serve_answers_the_openai_client_like_the_manager_and_stops_on_sigterm(r
     """`tta-engine serve` as the game would run it: a subprocess on loopback, the official openai client,
     greedy replies equal to the in-process manager's, SIGTERM exits cleanly."""
     import signal
-    import socket
-    import time
 
-    import httpx
     import openai
     from tta_engine.manager import TransformersModelManager
 
     root, cfgs, _ = real
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tta_engine.cli", "serve", "--artifacts", str(root), "--port",
-                             str(port), "--models", LM, "--backend", "onnx"], stderr=subprocess.PIPE, text=True)
+    proc, url = serve_subprocess(root, [LM])
     try:
-        deadline, up = time.monotonic() + 180, False
-        while not up and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                up = LM in httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("loaded_models", [])
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        assert up, proc.stderr.read() if proc.poll() is not None else "server not ready"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         msgs = [{"role": "system", "content": "You are a gentle narrator."},
                 {"role": "user", "content": "I step into a quiet forest. What do I notice?"}]
         r = client.chat.completions.create(model=LM, messages=msgs, temperature=0, max_tokens=32)

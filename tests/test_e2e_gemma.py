@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+from helpers import serve_subprocess
 
 pytestmark = pytest.mark.e2e
 LM = "gemma-3-270m"
@@ -63,25 +60,13 @@ def test_manager_generates_and_streams_the_same_text(gemma):
 
 
 def test_serve_completions_equal_the_manager_and_stop_on_sigterm(gemma):
-    import httpx
     import openai
     from tta_engine.manager import TransformersModelManager
 
     root, cfgs, _, _ = gemma
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tta_engine.cli", "serve", "--artifacts", str(root), "--port",
-                             str(port), "--models", LM, "--backend", "onnx"], stderr=subprocess.PIPE, text=True)
+    proc, url = serve_subprocess(root, [LM])
     try:
-        deadline, up = time.monotonic() + 180, False
-        while not up and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                up = LM in httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("loaded_models", [])
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        assert up, proc.stderr.read() if proc.poll() is not None else "server not ready"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         r = client.completions.create(model=LM, prompt=PROMPT, temperature=0, max_tokens=16)
         m = TransformersModelManager(cfgs, artifacts_root=root, backend="onnx")
         ref = asyncio.run(m.generate(PROMPT, LM, temperature=0, max_tokens=16))
