@@ -137,7 +137,7 @@ def resolve_source(cfg: ModelConfig, cache_dir: str | None = None) -> ResolvedSo
     return ResolvedSource(target)
 
 
-_GGUF_LOCK = threading.Lock()
+_GGUF_LOCK = threading.RLock()
 
 
 @contextmanager
@@ -147,13 +147,18 @@ def gguf_parsed_once():
     Transformers parses a GGUF file's header again for the config, the tokenizer and the weights
     (``load_gguf_checkpoint`` -> ``gguf.GGUFReader``), and the header of a 262k-token vocabulary is 262k
     strings read one by one: about 10 s per parse. The reader is read-only (a memmap), so one parse serves
-    every caller. Serialized by a lock: the patched name is module-global."""
+    every caller. ``load_tokenizer`` and ``load_torch_causal_lm`` each run in a block; a caller's block
+    around both shares one parse between them (a nested block reuses the outer one's readers). Serialized
+    by a lock: the patched name is module-global."""
     try:
         import gguf
     except ImportError:  # no GGUF support installed: nothing to share
         yield
         return
     with _GGUF_LOCK:
+        if getattr(gguf.GGUFReader, "_tta_shared", False):  # inside an outer block: its readers serve
+            yield
+            return
         real, readers = gguf.GGUFReader, {}
 
         def shared(path, mode="r"):
@@ -162,6 +167,7 @@ def gguf_parsed_once():
                 readers[key] = real(path, mode)
             return readers[key]
 
+        shared._tta_shared = True
         gguf.GGUFReader = shared
         try:
             yield
@@ -173,7 +179,8 @@ def load_tokenizer(cfg: ModelConfig, resolved: ResolvedSource):
     from transformers import AutoTokenizer
 
     if resolved.gguf_file:
-        return AutoTokenizer.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file)
+        with gguf_parsed_once():  # its config and its vocabulary: one parse
+            return AutoTokenizer.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file)
     return AutoTokenizer.from_pretrained(resolved.directory)
 
 
@@ -210,7 +217,8 @@ def load_torch_causal_lm(cfg: ModelConfig, resolved: ResolvedSource, *, quantiza
             kwargs["device_map"] = {"": device.index}
     # on a GPU, PyTorch's fused attention kernels (sdpa); on the CPU eager, as validated at export
     attn = "sdpa" if device.is_cuda else "eager"
-    model = AutoModelForCausalLM.from_pretrained(resolved.directory, attn_implementation=attn, **kwargs)
+    with gguf_parsed_once():  # a GGUF's config and weights: one parse
+        model = AutoModelForCausalLM.from_pretrained(resolved.directory, attn_implementation=attn, **kwargs)
     if "device_map" not in kwargs and device.is_cuda:
         model = model.to(device.torch_name)
     return model.eval()

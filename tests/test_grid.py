@@ -146,4 +146,7 @@ def test_gguf_header_is_parsed_once_within_a_load(tmp_path):
                 for i in a.fields["tokenizer.ggml.tokens"].data[:2]] == ["tok0", "tok1"]
         np.testing.assert_array_equal(np.asarray(a.tensors[0].data).reshape(4, 8),
                                       np.arange(32, dtype=np.float32).reshape(4, 8))
+        with gguf_parsed_once():  # load_tokenizer / load_torch_causal_lm inside the export's block
+            assert gguf.GGUFReader(path) is a
+        assert gguf.GGUFReader(path) is a  # the outer block still shares
     assert gguf.GGUFReader is real and real(path) is not a
