@@ -28,28 +28,13 @@ import uuid
 from pathlib import Path
 
 import httpx
+from bench import machine_info
 from compare_server import free_port, messages, pct, sse_chunks, start, stop
 from tta_engine.config import load_model_configs
 
 SYSTEM = ("You are the gentle narrator of a calming text adventure. The player walks through a quiet valley "
           "with a lantern, a map and a small dog. Describe sounds, light and weather softly; never rush the "
           "player; offer two gentle choices at the end of each reply. ") * 4
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "flags unknown"
-    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "amx_tile": "AMX"}
-    return ", ".join(n + ("" if f in flags else " no") for f, n in names.items())
-
-
-def cpu_name() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def serve_cmd(model: str, port: int, artifacts: Path, threads: int, ray_replicas: int | None) -> list[str]:
@@ -179,9 +164,10 @@ def main() -> int:
 
     cfg = load_model_configs()[args.model]
     cores = os.cpu_count() or 2
-    print(f"{cpu_name()} ({cpu_flags()}), {cores} CPUs; model {cfg.name} ({cfg.precision}); "
+    machine = machine_info()
+    print(f"{machine['cpu']} ({', '.join(machine['isa'])}), {cores} CPUs; model {cfg.name} ({cfg.precision}); "
           "servers and clients share this machine", flush=True)
-    out: dict = {"model": cfg.name, "precision": cfg.precision, "cpu": cpu_name(), "flags": cpu_flags()}
+    out: dict = {"model": cfg.name, "precision": cfg.precision, "cpu": machine["cpu"], "isa": machine["isa"]}
     half = max(1, cores // 2)
 
     print(f"\n1. the Ray hop: plain serve vs serve --ray --replicas 1, {half} thread(s) each, 1 new token, "

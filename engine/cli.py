@@ -252,9 +252,9 @@ def _serve_ray(args, api_key) -> int:
                            threads=args.threads, backend=args.backend, device=args.device, max_batch=args.max_batch,
                            max_queue=args.max_queue, max_loaded_models=args.max_loaded_models,
                            preload=preload, autoscaling=args.autoscale, app_kwargs=app_kwargs)
-    settings.replica_threads()  # a bad --threads fails here
+    threads = settings.replica_threads()  # a bad --threads fails here
     print(f"serving {settings.replicas} Ray Serve replica(s) on http://{args.host}:{args.port} "
-          f"({settings.replica_threads()} thread(s) each); Ctrl-C or SIGTERM drains and stops", file=sys.stderr)
+          f"({threads} thread(s) each); Ctrl-C or SIGTERM drains and stops", file=sys.stderr)
     start(settings, args.host, args.port, address=args.address, blocking=True)
     return 0
 

@@ -242,6 +242,7 @@ class LlamaCppLM(LMEngine):
         threads = self.spec.get("threads") or _physical_cores()
         self.llm = Llama(model_path=self.spec["path"], n_ctx=int(self.spec.get("n_ctx", 4096)), n_threads=threads,
                          n_threads_batch=threads, n_batch=512, verbose=False)
+        self._scorer = None  # the logits_all context of teacher_forced_logits, made on first use
         self.size_bytes = Path(self.spec["path"]).stat().st_size
 
     def run(self, ids, new_tokens):
@@ -268,7 +269,7 @@ class LlamaCppLM(LMEngine):
         from llama_cpp import Llama
 
         n_ctx = max(64, 1 << (len(ids) - 1).bit_length())
-        if getattr(self, "_scorer", None) is None or self._scorer.n_ctx() < n_ctx:
+        if self._scorer is None or self._scorer.n_ctx() < n_ctx:
             threads = self.spec.get("threads") or _physical_cores()
             self._scorer = Llama(model_path=self.spec["path"], n_ctx=n_ctx, n_threads=threads,
                                  n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)

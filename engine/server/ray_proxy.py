@@ -93,15 +93,14 @@ class ProxyAffinity:
         headers = scope.get("headers") or []
         messages, more = [], True
         if not any(k.lower() == SESSION_HEADER for k, _ in headers):
-            body, size = b"", 0
+            body = b""
             while more:  # read the whole body (then replay it) to find the key in it
                 message = await receive()
                 messages.append(message)
                 if message["type"] != "http.request":
                     break
                 body += message.get("body", b"")
-                size = len(body)
-                more = message.get("more_body", False) and size <= _MAX_PARSED
+                more = message.get("more_body", False) and len(body) <= _MAX_PARSED
             key = session_key(body, n_chars=self.n_chars) if not more else ""
             if key:
                 scope = dict(scope, headers=[*headers, (SESSION_HEADER, key.encode("latin-1", "replace"))])
