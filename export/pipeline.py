@@ -68,6 +68,9 @@ class ExportOptions:
     opset: int | None = None
     # publish an artifact whose validation figures fail the gate (export/gate.py), marked low fidelity
     allow_low_fidelity: bool = False
+    # int4 activations into 8-bit MatMulNBits: "int8" (one int8 digit, fastest), "int16" (two digits,
+    # export/activations.py) or "auto": int8, re-encoded as int16 when its figures miss gate.TARGETS
+    activations: str = "auto"
 
 
 class Progress:
@@ -80,6 +83,9 @@ class Progress:
     def stage(self, key: str, what: str) -> None:
         self.t = time.perf_counter()
         self._print(f"[{STAGES.index(key) + 1}/{len(STAGES)}] {self.name}: {what} ...")
+
+    def note(self, line: str) -> None:
+        self._print(f"      {line}")
 
     def warn(self, line: str) -> None:
         self._print(f"      WARNING: {line}")
@@ -154,7 +160,8 @@ def _export_locked(cfg: ModelConfig, precisions: list[str], options: ExportOptio
         for precision in precisions:
             progress.name = f"{cfg.name} ({precision})"
             graph, quant_meta = job.quantize(precision)             # 4
-            done[precision] = graph, quant_meta, job.validate(precision, graph)  # 5
+            figures = job.validate(precision, graph)                # 5
+            done[precision] = job.refine(precision, graph, quant_meta, figures)
         # the gate, before anything is written: a failing precision publishes nothing, nor do the others
         low = gate.check(cfg.name, cfg.model_type, {p: fig for p, (_, _, fig) in done.items()}, cfg.validation,
                          options.allow_low_fidelity)
@@ -298,8 +305,44 @@ class DecoderExport:
             path = self.work / f"model_{precision}.onnx"
             qmeta = quantize(self.fp32_path, path, precision, block_size=self.options.block_size)
             self.progress.done(", ".join(f"{k}={v}" for k, v in qmeta.items() if k != "method"))
+            if precision == "int4" and self.options.activations == "int16":
+                path, qmeta = self._two_digit(path, qmeta)
             self.quantized[precision] = path, qmeta
         return self.quantized[precision]
+
+    def _two_digit(self, path: Path, qmeta: dict) -> tuple[Path, dict]:
+        """The int4 graph with two-digit int8 activations into its 8-bit matrices (export/activations.py)."""
+        import onnx
+
+        from .activations import split_activations
+
+        self.progress.stage("quantize", "re-encoding 8-bit matrices with two-digit int8 activations")
+        model = onnx.load(str(path))
+        nodes = split_activations(model)
+        out = path.with_name(path.stem + "_a16.onnx")
+        save_onnx(model, out)
+        self.progress.done(f"{nodes} matrices")
+        return out, dict(qmeta, activations={"mode": "int16", "matrices": nodes})
+
+    def refine(self, precision: str, path: Path, qmeta: dict, fig: dict) -> tuple[Path, dict, dict]:
+        """``activations="auto"``: an int4 graph whose figures miss gate.TARGETS is re-encoded with
+        two-digit activations and validated again; the better of the two (by KL) is kept, and the
+        manifest records both figures."""
+        if precision != "int4" or self.options.activations != "auto" or "activations" in qmeta:
+            return path, qmeta, fig
+        missed = gate.failures(fig, gate.targets(self.cfg.model_type, precision, self.cfg.validation))
+        if not missed:
+            return path, dict(qmeta, activations={"mode": "int8", "matrices": 0}), fig
+        self.progress.note(f"int8 activations miss the int4 targets ({gate.describe(missed)}): trying two digits")
+        path16, qmeta16 = self._two_digit(path, qmeta)
+        if not qmeta16["activations"]["matrices"]:
+            return path, dict(qmeta, activations={"mode": "int8", "matrices": 0}), fig
+        fig16 = self.validate(precision, path16)
+        tried = {"int8_figures": {k: fig[k] for k in ("top1_agreement", "mean_kl_divergence", "greedy_agreement")}}
+        if fig16["mean_kl_divergence"] <= fig["mean_kl_divergence"]:
+            return path16, dict(qmeta16, activations=dict(qmeta16["activations"], **tried)), fig16
+        return path, dict(qmeta, activations={"mode": "int8", "matrices": 0, "int16_figures": {
+            k: fig16[k] for k in ("top1_agreement", "mean_kl_divergence", "greedy_agreement")}}), fig
 
     def validate(self, precision: str, path: Path) -> dict:
         """Stage 5: teacher-forced logits and greedy tokens against PyTorch (fp32 was checked in stage 3)."""
@@ -413,6 +456,9 @@ class EncoderExport:
         fig = self._check(path)
         self.progress.done(f"min cosine {fig['min_cosine']}")
         return fig
+
+    def refine(self, precision: str, path: Path, qmeta: dict, fig: dict) -> tuple[Path, dict, dict]:
+        return path, qmeta, fig
 
     def _check(self, path: Path) -> dict:
         from tta_engine.embeddings import OrtEncoder

@@ -36,8 +36,12 @@ def test_int4_export_figures_and_size(gemma):
     _, _, art, src = gemma
     m = art.manifest
     fig = m["validation"]["int4"]
-    # the gate's int4 thresholds (export/gate.py); the figures are measured on this CPU's kernels
-    assert fig["top1_agreement"] >= 0.90 and fig["mean_kl_divergence"] <= 0.02, fig
+    # the int4 targets (export/gate.py TARGETS); the figures are measured on this CPU's kernels. One int8
+    # digit misses them on Gemma's activations (top-1 0.916 on AVX-512 VNNI), two digits meet them
+    assert fig["top1_agreement"] >= 0.93 and fig["mean_kl_divergence"] <= 0.02, fig
+    acts = m["quantization"]["activations"]
+    assert acts["mode"] == "int16" and acts["matrices"] == 46, acts
+    assert acts["int8_figures"]["mean_kl_divergence"] > fig["mean_kl_divergence"], acts
     assert m["validation"]["fp32"]["greedy_exact"] is True
     q = m["quantization"]
     assert q["rtn_matrices"] == 0 and q["exact_grid_matrices"] == 72 and q["tied_embedding_shared"] is True
