@@ -130,19 +130,18 @@ def _export(name: str, config: Path, root: Path, limit_gb: float) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     watched, stopped = psutil.Process(proc.pid), None
-    while proc.poll() is None:
-        try:
-            rss = watched.memory_info().rss / 2**30
-        except psutil.NoSuchProcess:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps it here, with its rusage
+        if pid:
             break
-        if rss > limit_gb:
+        rss = watched.memory_info().rss / 2**30
+        if rss > limit_gb and stopped is None:
             stopped = f"stopped at {rss:.1f} GB RSS after {time.perf_counter() - t0:.0f} s (limit {limit_gb:.1f} GB)"
             proc.kill()
-            break
         time.sleep(0.2)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     return {"export_s": round(time.perf_counter() - t0, 1), "export_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "exit": os.waitstatus_to_exitcode(status), "stopped": stopped}
+            "exit": proc.returncode, "stopped": stopped}
 
 
 def _measure(name: str, cfg, gguf_path: Path, artifact: Path | None, reps: int, new_tokens: int) -> dict:

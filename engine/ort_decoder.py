@@ -211,7 +211,8 @@ class OrtDecoder:
                                   device=self.device) if prefill else None
             try:
                 self.session = create_session(model_path, threads=threads, device=self.device,
-                                              cuda_graph=self.cuda_graph)
+                                              cuda_graph=self.cuda_graph,
+                                              prepack=decoder_meta.get("prepack_weights", True))
             except Exception as exc:  # noqa: BLE001 - ORT refuses capture when a node is not on the CUDA provider
                 if not self.cuda_graph:
                     raise

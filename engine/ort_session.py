@@ -30,7 +30,7 @@ def providers(device: Device, *, cuda_graph: bool = False) -> list:
 
 
 def create_session(path: Path, *, threads: int | None = None, device: str | Device = "auto",
-                   cuda_graph: bool = False):
+                   cuda_graph: bool = False, prepack: bool = True):
     """An InferenceSession with all graph optimizations and intra-op threads = physical cores.
 
     The pool's workers spin between the parallel sections of a run (fast) but stop as soon as the run
@@ -40,7 +40,9 @@ def create_session(path: Path, *, threads: int | None = None, device: str | Devi
     26-45 ms instead of 18 ms, the decode steps after a prefill 20 ms instead of 11 ms). Within a run they
     still spin: a decode step costs the same either way (9.7 ms, A/B alternated).
 
-    ``device``: a setting ('auto', 'cpu', 'cuda', 'cuda:N') or a resolved :class:`Device`."""
+    ``device``: a setting ('auto', 'cpu', 'cuda', 'cuda:N') or a resolved :class:`Device`. ``prepack=False``
+    keeps every weight in its stored layout (no second, kernel-packed copy; much slower int4): the
+    export's fp32 check of a model whose weights fit in memory only once."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -50,5 +52,7 @@ def create_session(path: Path, *, threads: int | None = None, device: str | Devi
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     so.add_session_config_entry("session.force_spinning_stop", "1")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), sess_options=so,
                                 providers=providers(resolve_device(device, "onnx"), cuda_graph=cuda_graph))

@@ -160,11 +160,19 @@ def _spec(model, max_cache_len: int | None) -> _Spec:
 class _Graph:
     """Nodes plus initializers written straight into the ModelProto (one copy of each weight)."""
 
-    def __init__(self):
+    def __init__(self, stream_to: Path | None = None):
         self.model = onnx.ModelProto()
         self.nodes: list[onnx.NodeProto] = []
         self.weight_bytes = 0
         self._consts: dict[tuple, str] = {}
+        # weights written to this external-data file as they are made, so the ModelProto holds only their
+        # offsets: a model whose fp32 weights fit in memory once (beside PyTorch's) is never held twice
+        self._data = open(stream_to, "wb") if stream_to is not None else None  # noqa: SIM115 - closed in close()
+        self._data_name = stream_to.name if stream_to is not None else None
+
+    def close(self) -> None:
+        if self._data is not None:
+            self._data.close()
 
     def weight(self, name: str, array) -> str:
         if isinstance(array, torch.Tensor):
@@ -173,8 +181,18 @@ class _Graph:
         t = self.model.graph.initializer.add()
         t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
         t.dims.extend(array.shape)
-        t.raw_data = array.tobytes()
         self.weight_bytes += array.nbytes
+        if self._data is None or array.nbytes < 1024:
+            t.raw_data = array.tobytes()
+            return name
+        offset = self._data.tell()
+        pad = -offset % 4096  # ONNX Runtime may map aligned external data
+        self._data.write(b"\0" * pad)
+        self._data.write(memoryview(array).cast("B"))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self._data_name), ("offset", str(offset + pad)), ("length", str(array.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
         return name
 
     def ints(self, values) -> str:
@@ -518,27 +536,38 @@ def _io(spec: _Spec) -> tuple[list, list, dict]:
 
 @torch.no_grad()
 def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = None,
-                        last_position_logits: bool = False) -> dict:
+                        last_position_logits: bool = False, stream_weights: bool | None = None) -> dict:
     """Write the fused decoder of `model` (a HF causal LM in eval mode) to `out_path`.
 
     `max_cache_len` (default: max_position_embeddings capped at 4096) sizes the rotary caches:
-    it is the longest valid cache length a step may reach. Returns a JSON-serialisable description.
+    it is the longest valid cache length a step may reach. ``stream_weights`` (default: when the weights
+    go to a .data file anyway) writes each weight to that file as it is made. Returns a JSON-serialisable
+    description.
     """
-    out_path = Path(out_path)
     spec = _spec(model, max_cache_len)
     spec.last_logits = last_position_logits
     rotary_dim = int(model.model.rotary_emb(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long))[0].shape[-1])
     width, spec.head_perm = _rotary_layout(rotary_dim, spec.head_dim)
     spec.rotary_dim = rotary_dim
 
-    g = _Graph()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = f"{out_path.name}.data"
+    (out_path.parent / data_name).unlink(missing_ok=True)
+    # the head is its own initializer even when tied: count it twice
+    fp32_bytes = 4 * (sum(p.numel() for p in model.parameters()) + model.get_output_embeddings().weight.numel())
+    stream = fp32_bytes > EXTERNAL_DATA_THRESHOLD if stream_weights is None else stream_weights
+    g = _Graph(out_path.parent / data_name if stream else None)
     rope_global = _rotary_caches(g, model.model.rotary_emb, spec, width, "")
     rope_local = rope_global
     if hasattr(model.model, "rotary_emb_local"):  # Gemma3: sliding layers use rope_local_base_freq
         rope_local = _rotary_caches(g, model.model.rotary_emb_local, spec, width, "_local")
     layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * spec.num_layers
     ropes = [rope_local if t == "sliding_attention" else rope_global for t in layer_types]
-    _decoder(g, model, spec, ropes)
+    try:
+        _decoder(g, model, spec, ropes)
+    finally:
+        g.close()
 
     inputs, outputs, io = _io(spec)
     onnx_model = g.model
@@ -549,12 +578,12 @@ def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = No
     onnx_model.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
     onnx_model.ir_version = 8
     onnx_model.producer_name = "tta_engine.export.fused"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    data_name = f"{out_path.name}.data"
-    external = g.weight_bytes > EXTERNAL_DATA_THRESHOLD
-    (out_path.parent / data_name).unlink(missing_ok=True)
-    onnx.save_model(onnx_model, str(out_path), save_as_external_data=external,
-                    all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    external = stream or g.weight_bytes > EXTERNAL_DATA_THRESHOLD
+    if stream:  # the weights are in data_name already; the proto holds their offsets
+        onnx.save_model(onnx_model, str(out_path))
+    else:
+        onnx.save_model(onnx_model, str(out_path), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
     return {
         "format": "fused-gqa",
         "model_type": spec.model_type,

@@ -152,8 +152,9 @@ def _pack(grid: Grid) -> np.ndarray:
 
 
 def encode_grid_weights(model: onnx.ModelProto, *, accuracy_level: int = 4, skip: tuple[str, ...] = (),
-                        blocks: tuple[int, ...] = (32, 16)) -> GridResult:
-    """Replace every MatMul whose constant weight lies on a block grid with the exact encoding above."""
+                        blocks: tuple[int, ...] = (32, 16), base_dir: str = "") -> GridResult:
+    """Replace every MatMul whose constant weight lies on a block grid with the exact encoding above
+    (``base_dir``: where weights stored as external data are read from, one at a time)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     result = GridResult()
@@ -163,7 +164,7 @@ def encode_grid_weights(model: onnx.ModelProto, *, accuracy_level: int = 4, skip
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         grid = None
         if weight is not None and node.name not in skip and weight.data_type == onnx.TensorProto.FLOAT:
-            w = numpy_helper.to_array(weight)
+            w = numpy_helper.to_array(weight, base_dir)
             grid = detect_grid(w, blocks) if w.ndim == 2 else None
         if grid is None:
             nodes.append(node)

@@ -12,7 +12,9 @@ A readable sequence of named stages:
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -73,6 +75,16 @@ class ExportOptions:
     activations: str = "auto"
 
 
+def _peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far (Linux VmHWM), for the stage lines; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next((ln for ln in f if ln.startswith("VmHWM:")), None)
+        return int(line.split()[1]) / 2**20 if line else None
+    except (OSError, ValueError):
+        return None
+
+
 class Progress:
     """Prints one readable line per stage with its duration (to stderr unless told otherwise)."""
 
@@ -91,7 +103,9 @@ class Progress:
         self._print(f"      WARNING: {line}")
 
     def done(self, detail: str = "") -> None:
-        self._print(f"      done in {time.perf_counter() - self.t:.1f}s" + (f" - {detail}" if detail else ""))
+        peak = _peak_rss_gb()
+        self._print(f"      done in {time.perf_counter() - self.t:.1f}s" + (f", peak RSS {peak:.1f} GB" if peak else "")
+                    + (f" - {detail}" if detail else ""))
 
     def _print(self, line: str) -> None:
         if self.sink is not None:
@@ -245,6 +259,26 @@ class DecoderExport:
                 raise ExportError(f"{self.cfg.name}: the fp32 ONNX graph does not reproduce PyTorch's greedy "
                                   f"tokens: {self.fp32_fig}")
         self.meta["graph"] = self.graph
+        self._release_torch()  # the references are computed, the fp32 graph is on disk: quantization reads it
+
+    def _release_torch(self) -> None:
+        """Drop the PyTorch weights (keeping the configs the artifact writes)."""
+        if self.model is not None:
+            self.hf_config, self.generation_config = self.model.config, self.model.generation_config
+            self.model = None
+            gc.collect()
+
+    def _fits_once(self) -> bool:
+        """True when the fp32 weights (head counted apart) fit in memory about once beside PyTorch's: above
+        35% of RAM, the fused graph streams its weights to disk and PyTorch's copy is dropped before the
+        fp32 check, whose session keeps the stored layout (no prepacked second copy)."""
+        model = self.model
+        fp32 = 4 * (sum(p.numel() for p in model.parameters()) + model.get_output_embeddings().weight.numel())
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return False
+        return fp32 > 0.35 * ram
 
     def _want_fused(self) -> bool:
         if self.options.graph not in ("auto", "fused"):
@@ -267,16 +301,25 @@ class DecoderExport:
         progress.stage("optimize", "building the fused GroupQueryAttention graph")
         try:
             path = self.work / "fused.onnx"
+            large = self._fits_once()
             info = build_fused_decoder(self.model, path, max_cache_len=self.meta["context_length"],
-                                       last_position_logits=True)
+                                       last_position_logits=True, stream_weights=True if large else None)
             self.graph = "fused"
-            fig = self._check(path)
+            if large:
+                progress.note("large for this machine's memory: weights streamed to disk, PyTorch's copy "
+                              "released before the fp32 check")
+                self._release_torch()
+            fig = self._check(path, {"prepack_weights": False} if large else None)
             if fig["greedy_exact"]:
                 self.fp32_path, self.fp32_fig = path, fig
                 self.meta["fused"] = info
                 progress.done(f"{_node_count(path)} nodes, greedy tokens equal PyTorch")
                 return
             self.fallback_reason = f"fused graph failed validation: {fig}"
+            if large:
+                raise ExportError(f"{self.cfg.name}: {self.fallback_reason}; the Optimum fallback needs the "
+                                  "PyTorch weights, released to fit this machine's memory: export on a machine "
+                                  "with more memory, or with --graph optimum there")
         except UnsupportedArchitectureError as exc:
             self.fallback_reason = str(exc)
         if self.options.graph == "fused":
@@ -372,12 +415,12 @@ class DecoderExport:
             _copy_onnx(path.parent / "prefill.onnx", out / "prefill.onnx")
         self.hf_tokenizer.save_pretrained(out)  # the directory stays loadable by AutoTokenizer (other tools)
         tokenizer_section = self.tokenizer.save(out)  # what the runtime reads (named in the manifest)
-        self.model.generation_config.save_pretrained(out)
-        self.model.config.save_pretrained(out)
+        self.generation_config.save_pretrained(out)
+        self.hf_config.save_pretrained(out)
         return {
             "kind": "causal_lm",
             "tokenizer": tokenizer_section,
-            "generation": _generation_defaults(self.model.generation_config),
+            "generation": _generation_defaults(self.generation_config),
             "source": _source_manifest(self.cfg, self.resolved),
             "graph": self.graph,
             "decoder": dict(self.meta, node_count=_node_count(path), **({"prefill": prefill} if prefill else {})),

@@ -22,7 +22,7 @@ from .onnx_io import drop_unused_initializers, save_onnx
 log = logging.getLogger(__name__)
 
 
-def untie_lm_head(model: onnx.ModelProto) -> int:
+def untie_lm_head(model: onnx.ModelProto, base_dir: str = "") -> int:
     """Give every MatMul fed by ``Transpose(initializer)`` (a tied LM head) its own transposed weight.
 
     Quantizers only touch MatMuls whose B is a constant initializer; Optimum's export of a tied head
@@ -44,7 +44,7 @@ def untie_lm_head(model: onnx.ModelProto) -> int:
         perm = next((list(a.ints) for a in prod.attribute if a.name == "perm"), [1, 0])
         if perm != [1, 0]:
             continue
-        weight = numpy_helper.to_array(inits[prod.input[0]]).T.copy()
+        weight = numpy_helper.to_array(inits[prod.input[0]], base_dir).T.copy()
         name = f"{prod.input[0]}.untied_T"
         graph.initializer.append(numpy_helper.from_array(weight, name))
         node.input[1] = name
@@ -57,9 +57,11 @@ def untie_lm_head(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def _load_untied(src: Path) -> onnx.ModelProto:
-    model = onnx.load(str(src))
-    untie_lm_head(model)
+def _load_untied(src: Path, external: bool = True) -> onnx.ModelProto:
+    """The graph at ``src`` with its LM head untied. ``external=False`` leaves weights stored in a .data
+    file there (read one at a time by ``base_dir`` callers: a model whose fp32 weights fill the memory)."""
+    model = onnx.load(str(src), load_external_data=external)
+    untie_lm_head(model, str(src.parent))
     return model
 
 
@@ -244,7 +246,7 @@ def _embedding_gather(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return None
 
 
-def _is_tied(model: onnx.ModelProto, head: str | None) -> bool:
+def _is_tied(model: onnx.ModelProto, head: str | None, base_dir: str = "") -> bool:
     """True when the LM head's weight [hidden, vocab] is the embedding table [vocab, hidden] transposed."""
     import numpy as np
     from onnx import numpy_helper
@@ -256,8 +258,8 @@ def _is_tied(model: onnx.ModelProto, head: str | None) -> bool:
     inits = {i.name: i for i in model.graph.initializer}
     if node.input[1] not in inits or list(inits[node.input[1]].dims) != list(inits[gather.input[0]].dims)[::-1]:
         return False
-    return bool(np.array_equal(numpy_helper.to_array(inits[node.input[1]]).T,
-                               numpy_helper.to_array(inits[gather.input[0]])))
+    return bool(np.array_equal(numpy_helper.to_array(inits[node.input[1]], base_dir).T,
+                               numpy_helper.to_array(inits[gather.input[0]], base_dir)))
 
 
 def share_tied_embedding(model: onnx.ModelProto, head_output: str) -> bool:
@@ -317,6 +319,7 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
     symmetric, blockwise by ORT. A tied embedding reads the head's 8-bit weight (one copy on disk).
     Returns what was done, for the manifest.
     """
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
@@ -324,11 +327,15 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
 
     from .grid import encode_grid_weights
 
-    model = _load_untied(src)
+    # weights in a .data file stay there until the grid pass has replaced the matrices it can (one read
+    # each); the rest is loaded after: a model whose fp32 weights fill the memory is never held whole
+    base = str(src.parent)
+    model = _load_untied(src, external=False)
     head = lm_head_node(model)
     head_output = next((n.output[0] for n in model.graph.node if n.name == head), None)
-    tied = _is_tied(model, head)
-    grid = encode_grid_weights(model, accuracy_level=accuracy_level)
+    tied = _is_tied(model, head, base)
+    grid = encode_grid_weights(model, accuracy_level=accuracy_level, base_dir=base)
+    load_external_data_for_model(model, base)
     head_on_grid = head in grid.encoded
     rtn = MatMulNBitsQuantizer(
         model, nodes_to_exclude=grid.correction_nodes + ([head] if head else []),

@@ -238,6 +238,22 @@ def test_external_data_above_threshold(tmp_path, monkeypatch):
     np.testing.assert_allclose(out, _torch_logits(model, ids), atol=TOL, rtol=0)
 
 
+def test_streamed_weights_equal_the_saved_ones(tmp_path):
+    """stream_weights=True writes each weight to the .data file as it is made (large models: never held
+    twice); the graph computes the same logits as the one written by onnx's external-data save."""
+    model = tiny_model("qwen2")
+    ids = _tokens(6, seed=3)
+    outs = []
+    for stream in (True, False):
+        d = tmp_path / str(stream)
+        info = build_fused_decoder(model, d / "decoder.onnx", max_cache_len=64, stream_weights=stream)
+        assert info["external_data"] == ("decoder.onnx.data" if stream else None)
+        outs.append(Fused(d / "decoder.onnx", info).step([ids], [5])[0])
+    assert (tmp_path / "True" / "decoder.onnx").stat().st_size < 100_000
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(outs[0], _torch_logits(model, ids), atol=TOL, rtol=0)
+
+
 def test_unsupported_architecture(tmp_path):
     assert SUPPORTED_MODEL_TYPES == ("llama", "qwen2", "phi3", "gemma3_text")
     bert = tiny_config("bert")
