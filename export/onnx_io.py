@@ -10,7 +10,8 @@ import onnx
 
 def save_onnx(model: onnx.ModelProto, dst: Path) -> None:
     """Save ``model``; weights go to ``<dst>.data`` beside it when the model is too big for one protobuf."""
-    if model.ByteSize() > 1_500_000_000:
+    # the initializers' bytes, not model.ByteSize(): protobuf cannot size a message past 2 GB
+    if sum(len(t.raw_data) for t in model.graph.initializer) > 1_500_000_000:
         onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
     else:
         onnx.save_model(model, str(dst))
