@@ -268,9 +268,9 @@ class DecoderExport:
             self.model = None
             gc.collect()
 
-    def _fits_once(self) -> bool:
-        """True when the fp32 weights (head counted apart) fit in memory about once beside PyTorch's: above
-        35% of RAM, the fused graph streams its weights to disk and PyTorch's copy is dropped before the
+    def _fills_memory(self) -> bool:
+        """True when the fp32 weights (the head counted apart) pass 35% of RAM, i.e. fit about once beside
+        PyTorch's copy: then the fused graph streams its weights to disk and PyTorch's copy is dropped before the
         fp32 check, whose session keeps the stored layout (no prepacked second copy)."""
         model = self.model
         fp32 = 4 * (sum(p.numel() for p in model.parameters()) + model.get_output_embeddings().weight.numel())
@@ -301,7 +301,7 @@ class DecoderExport:
         progress.stage("optimize", "building the fused GroupQueryAttention graph")
         try:
             path = self.work / "fused.onnx"
-            large = self._fits_once()
+            large = self._fills_memory()
             info = build_fused_decoder(self.model, path, max_cache_len=self.meta["context_length"],
                                        last_position_logits=True, stream_weights=True if large else None)
             self.graph = "fused"

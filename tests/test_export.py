@@ -342,3 +342,31 @@ def test_prefill_graph_off_runs_prompts_on_the_decode_graph(artifacts, tiny_conf
     cfg_file.write_text('[models.m]\nmodel_type = "causal_lm"\nprefill_graph = false\n'
                         'source = {kind = "local", path = "x"}\n')
     assert load_model_configs(cfg_file)["m"].prefill_graph is False
+
+
+def test_a_model_that_fills_the_memory_exports_the_same_artifact(tiny_configs, tmp_path, monkeypatch):
+    """The low-memory path (weights streamed to disk, PyTorch released before the fp32 check, that check
+    without prepacking) publishes the same graph: same figures, same greedy tokens."""
+    from tta_engine.export import pipeline
+    from tta_engine.export.pipeline import ExportOptions, export_model
+    from tta_engine.runtime import open_artifact_lm
+
+    cfg = tiny_configs["tiny-qwen2"]
+    normal = export_model(cfg, ExportOptions(precision="int4", out_root=tmp_path / "normal"), quiet=True)
+    monkeypatch.setattr(pipeline.DecoderExport, "_fills_memory", lambda self: True)
+    lines: list[str] = []
+    large = export_model(cfg, ExportOptions(precision="int4", out_root=tmp_path / "large"), progress=lines.append)
+    assert any("weights streamed to disk" in line for line in lines)
+    assert any("peak RSS" in line for line in lines)
+    assert large.manifest["files"]["model.onnx"] == normal.manifest["files"]["model.onnx"]  # same bytes
+    assert large.manifest["validation"]["int4"] == normal.manifest["validation"]["int4"]
+    fp32 = large.manifest["validation"]["fp32"]  # checked without prepacking: other fp32 GEMM rounding
+    assert fp32["greedy_exact"] is True and fp32["mean_kl_divergence"] < 1e-9
+    outs = []
+    for art in (normal, large):
+        lm = open_artifact_lm(art)
+        try:
+            outs.append(lm.generate("The lantern", max_tokens=12, temperature=0.0)["text"])
+        finally:
+            lm.close()
+    assert outs[0] == outs[1]
