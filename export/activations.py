@@ -40,12 +40,12 @@ def split_activations(model: onnx.ModelProto, nodes: list[str] | None = None) ->
     in place. Consumers of the same input share one split. Returns the number of nodes rewritten."""
     graph = model.graph
     wanted = set(eight_bit_nodes(model) if nodes is None else nodes)
-    consts: dict[str, str] = {}
+    consts: set[str] = set()
 
     def const(name: str, value: np.ndarray) -> str:
         if name not in consts:
             graph.initializer.append(numpy_helper.from_array(value, name))
-            consts[name] = name
+            consts.add(name)
         return name
 
     splits: dict[tuple[str, int], str] = {}  # (input, block) -> the [a; b] tensor

@@ -534,6 +534,12 @@ def _io(spec: _Spec) -> tuple[list, list, dict]:
     return [vi(*x) for x in inputs], [vi(*x) for x in outputs], desc
 
 
+def fp32_weight_bytes(model) -> int:
+    """Bytes of the fused graph's fp32 weights: the model's parameters, the LM head counted again (it is
+    its own initializer even when tied)."""
+    return 4 * (sum(p.numel() for p in model.parameters()) + model.get_output_embeddings().weight.numel())
+
+
 @torch.no_grad()
 def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = None,
                         last_position_logits: bool = False, stream_weights: bool | None = None) -> dict:
@@ -554,9 +560,7 @@ def build_fused_decoder(model, out_path: Path, *, max_cache_len: int | None = No
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{out_path.name}.data"
     (out_path.parent / data_name).unlink(missing_ok=True)
-    # the head is its own initializer even when tied: count it twice
-    fp32_bytes = 4 * (sum(p.numel() for p in model.parameters()) + model.get_output_embeddings().weight.numel())
-    stream = fp32_bytes > EXTERNAL_DATA_THRESHOLD if stream_weights is None else stream_weights
+    stream = fp32_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD if stream_weights is None else stream_weights
     g = _Graph(out_path.parent / data_name if stream else None)
     rope_global = _rotary_caches(g, model.model.rotary_emb, spec, width, "")
     rope_local = rope_global

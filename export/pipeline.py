@@ -272,13 +272,13 @@ class DecoderExport:
         """True when the fp32 weights (the head counted apart) pass 35% of RAM, i.e. fit about once beside
         PyTorch's copy: then the fused graph streams its weights to disk and PyTorch's copy is dropped before the
         fp32 check, whose session keeps the stored layout (no prepacked second copy)."""
-        model = self.model
-        fp32 = 4 * (sum(p.numel() for p in model.parameters()) + model.get_output_embeddings().weight.numel())
+        from .fused import fp32_weight_bytes
+
         try:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (AttributeError, ValueError, OSError):
             return False
-        return fp32 > 0.35 * ram
+        return fp32_weight_bytes(self.model) > 0.35 * ram
 
     def _want_fused(self) -> bool:
         if self.options.graph not in ("auto", "fused"):
@@ -374,18 +374,22 @@ class DecoderExport:
         if precision != "int4" or self.options.activations != "auto" or "activations" in qmeta:
             return path, qmeta, fig
         missed = gate.failures(fig, gate.targets(self.cfg.model_type, precision, self.cfg.validation))
+        one_digit = dict(qmeta, activations={"mode": "int8", "matrices": 0})
         if not missed:
-            return path, dict(qmeta, activations={"mode": "int8", "matrices": 0}), fig
+            return path, one_digit, fig
         self.progress.note(f"int8 activations miss the int4 targets ({gate.describe(missed)}): trying two digits")
         path16, qmeta16 = self._two_digit(path, qmeta)
         if not qmeta16["activations"]["matrices"]:
-            return path, dict(qmeta, activations={"mode": "int8", "matrices": 0}), fig
+            return path, one_digit, fig
         fig16 = self.validate(precision, path16)
-        tried = {"int8_figures": {k: fig[k] for k in ("top1_agreement", "mean_kl_divergence", "greedy_agreement")}}
+
+        def brief(f: dict) -> dict:
+            return {k: f[k] for k in ("top1_agreement", "mean_kl_divergence", "greedy_agreement")}
+
         if fig16["mean_kl_divergence"] <= fig["mean_kl_divergence"]:
-            return path16, dict(qmeta16, activations=dict(qmeta16["activations"], **tried)), fig16
-        return path, dict(qmeta, activations={"mode": "int8", "matrices": 0, "int16_figures": {
-            k: fig16[k] for k in ("top1_agreement", "mean_kl_divergence", "greedy_agreement")}}), fig
+            return path16, dict(qmeta16, activations=dict(qmeta16["activations"], int8_figures=brief(fig))), fig16
+        one_digit["activations"]["int16_figures"] = brief(fig16)
+        return path, one_digit, fig
 
     def validate(self, precision: str, path: Path) -> dict:
         """Stage 5: teacher-forced logits and greedy tokens against PyTorch (fp32 was checked in stage 3)."""
