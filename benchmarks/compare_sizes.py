@@ -134,7 +134,10 @@ def _export(name: str, config: Path, root: Path, limit_gb: float) -> dict:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps it here, with its rusage
         if pid:
             break
-        rss = watched.memory_info().rss / 2**30
+        try:
+            rss = watched.memory_info().rss / 2**30
+        except psutil.NoSuchProcess:  # exited (a zombie until wait4 reaps it) since the last poll
+            continue
         if rss > limit_gb and stopped is None:
             stopped = f"stopped at {rss:.1f} GB RSS after {time.perf_counter() - t0:.0f} s (limit {limit_gb:.1f} GB)"
             proc.kill()
