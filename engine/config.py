@@ -103,7 +103,7 @@ class ModelConfig:
     # prompts run on the decode graph (less memory, slower first token, the int4 graph's numerics)
     prefill_graph: bool = True
     # export fidelity thresholds per precision, overriding the defaults of export/gate.py:
-    # {"int4": {"min_top1": 0.9, "max_kl": 0.05}} for decoders, {"int8": {"min_cosine": 0.98}} for encoders
+    # {"int4": {"min_top1": 0.9, "max_kl": 0.05}} for decoders, {"int8": {"min_cosine": 0.999}} for encoders
     validation: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
     task_mapping: Mapping[str, TaskSuitability] = field(default_factory=lambda: MappingProxyType({}))
     file: str = "<dict>"

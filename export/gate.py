@@ -24,7 +24,7 @@ THRESHOLDS: dict[str, dict[str, dict[str, float]]] = {
     "causal_lm": {"fp16": {"min_top1": 0.97, "max_kl": 0.01},
                   "int8": {"min_top1": 0.85, "max_kl": 0.10},
                   "int4": {"min_top1": 0.90, "max_kl": 0.05}},
-    "embedding": {"fp16": {"min_cosine": 0.999}, "int8": {"min_cosine": 0.98}},
+    "embedding": {"fp16": {"min_cosine": 0.999}, "int8": {"min_cosine": 0.999}},
 }
 # what an export aims for, above the gate: an int4 decoder that misses these with int8 activations is
 # re-encoded with two-digit activations (export/activations.py) and kept if that is closer

@@ -492,7 +492,7 @@ class EncoderExport:
             return self.chosen, {"method": None}
         self.progress.stage("quantize", f"quantizing to {precision}")
         path = self.stage_dir / f"model_{precision}.onnx"
-        qmeta = quantize(self.chosen, path, precision, block_size=self.options.block_size)
+        qmeta = quantize(self.chosen, path, precision, block_size=self.options.block_size, kind="embedding")
         self.progress.done()
         return path, qmeta
 

@@ -2,6 +2,9 @@
 
 - int8: dynamic, per-channel (MatMulInteger with uint8 weights, see ``quantize_int8``), the LM head and
   the embedding Gather included; activations quantized per token (``per_token_activations``).
+- int8 encoders (``quantize_encoder_int8``): weight-only 8-bit blocks (MatMulNBits, accuracy level 4:
+  int8 activations per block of 32), closer to fp32 than per-channel MatMulInteger and faster on
+  VNNI CPUs.
 - int4: weight-only blockwise (MatMulNBits, configurable block size) for every layer MatMul; weights
   already on a block grid (GGUF sources) are re-encoded exactly at 4 or 8 bits (grid.py). The LM head
   and the embedding table (GatherBlockQuantized) are quantized too, at 8 bits by default: on small
@@ -376,7 +379,32 @@ class _ThreadQuiet(logging.Filter):
         return record.thread != self.thread or record.levelno >= logging.ERROR
 
 
-def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32) -> dict:
+def quantize_encoder_int8(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4) -> dict:
+    """Sentence encoders at int8: every MatMul as an 8-bit MatMulNBits (symmetric, blockwise), the
+    activations quantized to int8 per block of ``block_size`` by the kernel (accuracy level 4).
+
+    Measured on all-minilm-l6-v2 (2-core AVX-512 VNNI): min cosine to fp32 0.9998 on 256 game texts,
+    where per-channel MatMulInteger (``quantize_int8``, the decoders' int8) gave 0.9987 on the export's
+    validation texts, and 1.05x its sentences/s. A fused ``Attention`` node keeps its fp32 QKV weights
+    and ``EmbedLayerNormalization`` its table (neither is a MatMul)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = onnx.load(str(src))
+    q = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=8,
+        op_types_to_quantize=("MatMul",)))
+    q.process()
+    model = q.model.model
+    save_onnx(model, dst)
+    return {"method": "MatMulNBits weight-only", "bits": 8, "block_size": block_size,
+            "accuracy_level": accuracy_level, "activations": "int8 per block (kernel)",
+            "matrices": sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")}
+
+
+def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32, kind: str = "causal_lm") -> dict:
     # ORT's quantizers log every node at INFO (on the root logger and their own); keep export readable
     # without touching any logger's level: a filter drops this thread's records below ERROR.
     quiet = _ThreadQuiet(threading.get_ident())
@@ -384,6 +412,8 @@ def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32) -> d
     for lg in loggers:
         lg.addFilter(quiet)
     try:
+        if kind == "embedding" and precision == "int8":
+            return quantize_encoder_int8(src, dst, block_size=block_size)
         return _quantize(src, dst, precision, block_size)
     finally:
         for lg in loggers:
