@@ -3,7 +3,8 @@
 sentences/s over a fixed corpus (batch 32) and single-query latency of tta-engine's fp32 and int8 encoder
 artifacts vs sentence-transformers' ONNX backend (``SentenceTransformer(dir, backend="onnx")``, exported once
 and cached under <out>/cache/; also its dynamic int8 export) and sentence-transformers on PyTorch, which is
-the reference for the cosine check (target: tta fp32 >= 1.2x the ONNX backend, cosine >= 0.9999).
+the reference for the cosine check (targets: tta fp32 >= 1.5x the ONNX backend at cosine >= 0.9999; tta
+int8 at cosine >= 0.999).
 
     .venv/bin/python benchmarks/compare_embed.py
     .venv/bin/python benchmarks/compare_embed.py --quick

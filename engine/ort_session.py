@@ -30,7 +30,7 @@ def providers(device: Device, *, cuda_graph: bool = False) -> list:
 
 
 def create_session(path: Path, *, threads: int | None = None, device: str | Device = "auto",
-                   cuda_graph: bool = False, prepack: bool = True):
+                   cuda_graph: bool = False, prepack: bool = True, profile_prefix: str | None = None):
     """An InferenceSession with all graph optimizations and intra-op threads = physical cores.
 
     The pool's workers spin between the parallel sections of a run (fast) but stop as soon as the run
@@ -42,7 +42,9 @@ def create_session(path: Path, *, threads: int | None = None, device: str | Devi
 
     ``device``: a setting ('auto', 'cpu', 'cuda', 'cuda:N') or a resolved :class:`Device`. ``prepack=False``
     keeps every weight in its stored layout (no second, kernel-packed copy; much slower int4): the
-    export's fp32 check of a model whose weights fit in memory only once."""
+    export's fp32 check of a model whose weights fit in memory only once. ``profile_prefix``: ONNX Runtime's
+    profiler on (a JSON trace per session, written by ``session.end_profiling()``; benchmarks/
+    compare_throughput.py reads its per-node kernel times)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -54,5 +56,8 @@ def create_session(path: Path, *, threads: int | None = None, device: str | Devi
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), sess_options=so,
                                 providers=providers(resolve_device(device, "onnx"), cuda_graph=cuda_graph))

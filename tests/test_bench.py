@@ -178,3 +178,30 @@ def test_bench_command_outside_a_checkout_says_how_to_run_it(monkeypatch, capsys
     assert "source checkout" in capsys.readouterr().err
     monkeypatch.undo()
     assert cli.build_parser().parse_args(["bench", "--quick"]).quick is True  # from this checkout: the harness
+
+
+# -- benchmarks/compare_throughput.py's own pieces, on a tiny int4 artifact -------------------------------
+
+def test_throughput_profile_groups_a_real_step_and_counts_its_bytes(artifacts):
+    import compare_throughput as ct
+    import onnx
+
+    art = artifacts.get("tiny-llama", "int4")
+    steps = ct.tta_steps(art, [1, 2], past=24, steps=6, threads=1)
+    assert set(steps) == {1, 2} and all(0 < s < 1 for s in steps.values())
+    prof = ct.tta_profile(art, [1, 2], past=24, steps=8, threads=1)
+    for rows in (1, 2):
+        parts = {k: v for k, v in prof[rows].items() if k != "model_run"}
+        assert {"MatMulNBits", "GroupQueryAttention"} <= set(parts)  # the fused int4 graph's kernels
+        assert 0 < sum(parts.values()) <= prof[rows]["model_run"] * 1.05  # kernels inside the runs
+    # the exact-grid correction nodes of a GGUF source, by name; everything else by op type
+    assert ct._component("/model/layers.0/mlp/down_proj/MatMul.offset", "MatMul").startswith("exact-grid")
+    assert ct._component("/model/layers.0/attn/qkv_proj/MatMul.add", "Add").startswith("exact-grid")
+    assert ct._component("/model/layers.0/mlp/Mul", "Mul") == "other ops"
+    one, four = ct.bytes_per_step(art, 1, 100), ct.bytes_per_step(art, 4, 100)
+    model = onnx.load(str(art.file("model.onnx")))
+    assert one["weights_mb"] == four["weights_mb"] == sum(
+        onnx.numpy_helper.to_array(i).nbytes for i in model.graph.initializer) / 1e6
+    meta = art.manifest["decoder"]
+    assert four["kv_mb"] == 4 * one["kv_mb"] == 4 * 100 * meta["num_layers"] * meta["num_kv_heads"] * meta[
+        "head_dim"] * 2 * 4 / 1e6
