@@ -45,9 +45,9 @@ def cluster():
     global ray, serve
     ray = pytest.importorskip("ray", reason="needs the extra 'ray': pip install 'tta-engine[ray]'")
     serve = pytest.importorskip("ray.serve")
-    from tta_engine.server.ray_app import PROXY_CALLBACK
+    from tta_engine.server.ray_app import PROXY_ENV
 
-    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = PROXY_CALLBACK  # the raylet passes it on
+    os.environ.update(PROXY_ENV)  # the raylet passes it on to the proxy actors
     try:
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - no shared memory, no ports, a sandbox: a reason, not a failure
@@ -55,7 +55,8 @@ def cluster():
     yield
     serve.shutdown()
     ray.shutdown()
-    os.environ.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
+    for key in PROXY_ENV:
+        os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="module")

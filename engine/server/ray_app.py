@@ -34,6 +34,10 @@ from ..errors import BackendUnavailableError, TTAEngineError
 
 HINT = "serve --ray needs Ray Serve: pip install 'tta-engine[ray]'"
 PROXY_CALLBACK = "tta_engine.server.ray_proxy.middlewares"
+# The environment of Ray's proxy actors: tta's middleware (session keys), and requests forwarded to the
+# replicas over gRPC rather than as actor calls (the Ray hop: p50 7.6-8.9 -> 5.0-6.0 ms, measured paired
+# on the 2-core VM, benchmarks/compare_ray.py)
+PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK, "RAY_SERVE_PROXY_USE_GRPC": "1"}
 REPLICA_HEADER = "X-TTA-Replica"
 ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 DEPLOYMENT = "tta-engine"
@@ -152,12 +156,13 @@ def start(settings: RaySettings, host: str = "127.0.0.1", port: int = 8000, addr
     proxy on ``host:port`` and deploy; returns the app's handle. ``blocking``: serve until SIGINT/SIGTERM,
     then shut Serve down (replicas drain)."""
     ray, serve = require_ray()
-    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
+    for key, value in PROXY_ENV.items():
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         kw = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
         try:
             ray.init(**kw, log_to_driver=False,
-                     runtime_env={"env_vars": {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}})
+                     runtime_env={"env_vars": dict(PROXY_ENV)})
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise TTAEngineError(f"--address {address!r}: cannot connect to a Ray cluster there ({exc}); give "
                                  "'auto' (the cluster of this node, after 'ray start --head'), "
