@@ -158,16 +158,16 @@ def tta_profile(art, rows: list[int], past: int, steps: int, threads: int | None
     return out
 
 
-def bytes_per_step(art, rows: int, past: int) -> dict[str, float]:
-    """What a decode step reads at least: every initializer of the decode graph (the embedding lookup
-    aside, a row per token) and each row's K/V for ``past`` positions."""
+def bytes_per_step(art, rows: list[int], past: int) -> dict[int, dict[str, float]]:
+    """What a decode step of R rows reads at least, per R: every initializer of the decode graph (the
+    embedding lookup aside, a row per token) and each row's K/V for ``past`` positions."""
     import onnx
 
     model = onnx.load(str(art.file("model.onnx")), load_external_data=False)
-    weights = sum(len(i.raw_data) or i.ByteSize() for i in model.graph.initializer)
+    weights = sum(len(i.raw_data) or i.ByteSize() for i in model.graph.initializer) / 1e6
     meta = art.manifest["decoder"]
-    kv = rows * past * meta["num_layers"] * meta["num_kv_heads"] * meta["head_dim"] * 2 * 4
-    return {"weights_mb": weights / 1e6, "kv_mb": kv / 1e6}
+    kv_row = past * meta["num_layers"] * meta["num_kv_heads"] * meta["head_dim"] * 2 * 4 / 1e6
+    return {r: {"weights_mb": weights, "kv_mb": r * kv_row} for r in rows}
 
 
 # -- 3. llama.cpp's own batched decode -------------------------------------------------------------------
@@ -264,7 +264,7 @@ def main(argv=None) -> dict:
     res["tta_step_s"] = tta_steps(art, args.rows, args.past, args.steps, threads)
     res["profile_ms"] = tta_profile(art, [min(args.rows), 8 if 8 in args.rows else max(args.rows)], args.past,
                                     max(args.steps // 2, 8), threads)
-    res["bytes"] = {r: bytes_per_step(art, r, args.past) for r in args.rows}
+    res["bytes"] = bytes_per_step(art, args.rows, args.past)
     resolved = resolve_source(cfg)
     if resolved.gguf_file:
         print("3. llama.cpp, one llama_batch of R sequences (same GGUF)", flush=True)

@@ -198,7 +198,8 @@ def test_throughput_profile_groups_a_real_step_and_counts_its_bytes(artifacts):
     assert ct._component("/model/layers.0/mlp/down_proj/MatMul.offset", "MatMul").startswith("exact-grid")
     assert ct._component("/model/layers.0/attn/qkv_proj/MatMul.add", "Add").startswith("exact-grid")
     assert ct._component("/model/layers.0/mlp/Mul", "Mul") == "other ops"
-    one, four = ct.bytes_per_step(art, 1, 100), ct.bytes_per_step(art, 4, 100)
+    per_rows = ct.bytes_per_step(art, [1, 4], 100)
+    one, four = per_rows[1], per_rows[4]
     model = onnx.load(str(art.file("model.onnx")))
     assert one["weights_mb"] == four["weights_mb"] == sum(
         onnx.numpy_helper.to_array(i).nbytes for i in model.graph.initializer) / 1e6
