@@ -412,15 +412,15 @@ def quantize(src: Path, dst: Path, precision: str, *, block_size: int = 32, kind
     for lg in loggers:
         lg.addFilter(quiet)
     try:
-        return _quantize(src, dst, precision, block_size, kind)
+        if kind == "embedding" and precision == "int8":
+            return quantize_encoder_int8(src, dst, block_size=block_size)
+        return _quantize(src, dst, precision, block_size)
     finally:
         for lg in loggers:
             lg.removeFilter(quiet)
 
 
-def _quantize(src: Path, dst: Path, precision: str, block_size: int, kind: str) -> dict:
-    if precision == "int8" and kind == "embedding":
-        return quantize_encoder_int8(src, dst, block_size=block_size)
+def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> dict:
     if precision == "int8":
         quantize_int8(src, dst)
         return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "weights": "uint8 per channel",
