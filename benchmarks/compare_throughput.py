@@ -90,12 +90,12 @@ def manager_streams(cfg, root, streams: list[int], new_tokens: int) -> dict:
 
 
 # -- 2. one step of R rows, and where it goes ------------------------------------------------------------
-_OFFSET_SUFFIXES = (".block_sum", ".offset", "MatMul.add")
+_OFFSET_SUFFIXES = (".block_sum", ".block_sum.blocks", ".offset", "MatMul.add")
 
 
 def _component(node: str, op: str) -> str:
-    if op in ("MatMul", "Add") and node.endswith(_OFFSET_SUFFIXES):
-        return "exact-grid offsets (MatMul, Add)"
+    if op in ("MatMul", "Add", "Reshape", "ReduceSum") and node.endswith(_OFFSET_SUFFIXES):
+        return "exact-grid offsets (block sums, MatMul, Add)"
     if op in ("MatMulNBits", "GroupQueryAttention"):
         return op
     return "other ops"

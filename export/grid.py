@@ -9,8 +9,11 @@ MatMulNBits with the fewest bits that hold q (4 or 8; zero point z = 2**(bits-1)
 
     x @ W = MatMulNBits(x; q, s)  +  BlockSum(x) @ R,    R[b, n] = r[b, n]
 
-BlockSum(x)[..., b] = (x @ E)[..., b] is the sum of x over block b (E: a 0/1 block indicator); the correction is omitted when every r is 0
-(symmetric grids: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K). A block's q are found without knowing the GGUF type:
+BlockSum(x)[..., b] is the sum of x over block b: ReduceSum over the last axis of x reshaped to [..., K/block, block]
+when the rank of x is known (``activation_rank``; the decoders' hidden states are [batch, seq, hidden]),
+else x @ E with E a 0/1 block indicator, any rank (measured on SmolLM2-135M's Q4_1 GGUF, 2-core AVX-512 VNNI
+EPYC: the reshape is 3-4% faster per decode step than x @ E at 1-16 rows). The correction is omitted when
+every r is 0 (symmetric grids: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K). A block's q are found without knowing the GGUF type:
 with ``u = (w - base) / span`` (symmetric: base 0, span max|w|; asymmetric: base min, span max - min),
 the block is on a grid of k steps iff every ``u * k`` is an integer, for some k up to the levels the bits
 allow; any such k is exact, so the search takes the first that fits, largest first.
@@ -151,15 +154,36 @@ def _pack(grid: Grid) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _block_sum_nodes(graph: onnx.GraphProto, x: str, out: str, name: str, k: int, block: int,
+                     rank: int | None, made: set[str]) -> list[onnx.NodeProto]:
+    """Nodes computing ``out[..., b] = sum of x[..., b * block:(b + 1) * block]``; constants made once."""
+    if rank is None:  # x @ E: E[k, b] = 1 where k lies in block b
+        const = f"grid.block_indicator_{k}_{block}"
+        if const not in made:
+            indicator = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+            graph.initializer.append(numpy_helper.from_array(indicator, const))
+            made.add(const)
+        return [helper.make_node("MatMul", [x, const], [out], name=name)]
+    shape, axis = f"grid.blocks_shape_{rank}_{k}_{block}", "grid.last_axis"
+    for const, value in ((shape, [0] * (rank - 1) + [k // block, block]), (axis, [-1])):
+        if const not in made:
+            graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), const))
+            made.add(const)
+    return [helper.make_node("Reshape", [x, shape], [f"{out}.blocks"], name=f"{name}.blocks"),
+            helper.make_node("ReduceSum", [f"{out}.blocks", axis], [out], name=name, keepdims=0)]
+
+
 def encode_grid_weights(model: onnx.ModelProto, *, accuracy_level: int = 4, skip: tuple[str, ...] = (),
-                        blocks: tuple[int, ...] = (32, 16), base_dir: str = "") -> GridResult:
+                        blocks: tuple[int, ...] = (32, 16), base_dir: str = "",
+                        activation_rank: int | None = None) -> GridResult:
     """Replace every MatMul whose constant weight lies on a block grid with the exact encoding above
-    (``base_dir``: where weights stored as external data are read from, one at a time)."""
+    (``base_dir``: where weights stored as external data are read from, one at a time;
+    ``activation_rank``: the rank of every MatMul's input, when the graph's layout fixes it)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     result = GridResult()
     nodes: list[onnx.NodeProto] = []
-    block_sums: dict[tuple[int, int], str] = {}
+    made: set[str] = set()
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         grid = None
@@ -180,18 +204,14 @@ def encode_grid_weights(model: onnx.ModelProto, *, accuracy_level: int = 4, skip
             "MatMulNBits", [x, f"{base}.q{grid.bits}", f"{base}.scales"], [main_out], name=f"{node.name}.q{grid.bits}",
             domain="com.microsoft", K=k, N=n, bits=grid.bits, block_size=grid.block, accuracy_level=accuracy_level))
         if grid.residual is not None:
-            key = (k, grid.block)
-            if key not in block_sums:  # E[k, b] = 1 where k lies in block b: x @ E sums x per block, any rank
-                block_sums[key] = f"grid.block_indicator_{k}_{grid.block}"
-                indicator = np.kron(np.eye(k // grid.block, dtype=np.float32), np.ones((grid.block, 1), np.float32))
-                graph.initializer.append(numpy_helper.from_array(indicator, block_sums[key]))
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(grid.residual.T), f"{base}.block_offsets"))
             names = [f"{node.name}.{s}" for s in ("block_sum", "offset", "add")]
-            nodes += [
-                helper.make_node("MatMul", [x, block_sums[key]], [f"{out}.block_sum"], name=names[0]),
+            sums = _block_sum_nodes(graph, x, f"{out}.block_sum", names[0], k, grid.block, activation_rank, made)
+            nodes += sums + [
                 helper.make_node("MatMul", [f"{out}.block_sum", f"{base}.block_offsets"], [f"{out}.offset"], name=names[1]),
                 helper.make_node("Add", [main_out, f"{out}.offset"], [out], name=names[2]),
             ]
+            names += [n.name for n in sums if n.name != names[0]]
             result.correction_nodes += names
         result.encoded[node.name] = grid
     del graph.node[:]

@@ -313,6 +313,15 @@ def share_tied_embedding(model: onnx.ModelProto, head_output: str) -> bool:
     return True
 
 
+def _activation_rank(model: onnx.ModelProto) -> int | None:
+    """3 for a graph fed ``input_ids`` [batch, seq] (its hidden states are [batch, seq, hidden], the layout
+    of every decoder and encoder the exporters write); None when the graph does not say."""
+    ids = next((i for i in model.graph.input if i.name == "input_ids"), None)
+    if ids is None or not ids.type.tensor_type.HasField("shape"):
+        return None
+    return 3 if len(ids.type.tensor_type.shape.dim) == 2 else None
+
+
 def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4,
                   head_bits: int = 8) -> dict:
     """Weight-only int4 for the layers; LM head and embedding at ``head_bits`` (8 by default).
@@ -337,7 +346,8 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
     head = lm_head_node(model)
     head_output = next((n.output[0] for n in model.graph.node if n.name == head), None)
     tied = _is_tied(model, head, base)
-    grid = encode_grid_weights(model, accuracy_level=accuracy_level, base_dir=base)
+    grid = encode_grid_weights(model, accuracy_level=accuracy_level, base_dir=base,
+                               activation_rank=_activation_rank(model))
     load_external_data_for_model(model, base)
     head_on_grid = head in grid.encoded
     rtn = MatMulNBitsQuantizer(
@@ -425,7 +435,7 @@ def _quantize(src: Path, dst: Path, precision: str, block_size: int) -> dict:
         quantize_int8(src, dst)
         return {"method": "dynamic per-channel (MatMulInteger)", "bits": 8, "weights": "uint8 per channel",
                 "activations": "uint8 per token",
-                "lm_head": True, "embedding": "int8 Gather + DequantizeLinear"}
+                "lm_head": True, "embedding": "uint8 Gather + DequantizeLinear"}
     if precision == "int4":
         return quantize_int4(src, dst, block_size=block_size)
     if precision == "fp16":

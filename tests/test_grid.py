@@ -57,26 +57,29 @@ def test_off_grid_weights_are_left_alone():
     assert detect_grid(w) is None
 
 
-def _matmul_model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _matmul_model(weights: dict[str, np.ndarray], rank: int = 2) -> onnx.ModelProto:
     k = next(iter(weights.values())).shape[0]
     nodes = [helper.make_node("MatMul", ["x", name], [f"y_{name}"], name=f"mm_{name}") for name in weights]
     outs = [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, None) for name in weights]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * (rank - 1) + [k])],
                               outs, [numpy_helper.from_array(w, name) for name, w in weights.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def test_encoded_graph_computes_the_same_products():
+@pytest.mark.parametrize("rank", [2, 3], ids=["any-rank-indicator", "rank3-reducesum"])
+def test_encoded_graph_computes_the_same_products(rank):
     weights = {t.name: gguf_matrix(t, seed=i) for i, t in enumerate(EXPECTED)}
     weights["dense"] = np.random.default_rng(2).standard_normal((512, 24)).astype(np.float32)
-    model = _matmul_model(weights)
-    result = encode_grid_weights(model, accuracy_level=0)
+    model = _matmul_model(weights, rank)
+    result = encode_grid_weights(model, accuracy_level=0, activation_rank=None if rank == 2 else rank)
     assert set(result.encoded) == {f"mm_{t.name}" for t in EXPECTED}
     assert sum(result.summary().values()) == len(EXPECTED)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulNBits") == len(EXPECTED) and "MatMul" in ops  # 'dense' and the corrections
+    corrected = sum(1 for g in result.encoded.values() if g.residual is not None)
+    assert corrected and ops.count("ReduceSum") == (corrected if rank == 3 else 0)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(3).standard_normal((3, 512)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((2, 3, 512)[-rank:]).astype(np.float32)
     for name, y in zip(weights, sess.run(None, {"x": x}), strict=True):
         ref = x.astype(np.float64) @ weights[name]
         np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=name)
